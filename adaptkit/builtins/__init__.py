@@ -1,0 +1,1 @@
+"""adaptkit's built-in plugins, registered through the same hooks as third-party plugins."""

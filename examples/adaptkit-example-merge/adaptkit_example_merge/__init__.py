@@ -1,0 +1,1 @@
+"""Example adaptkit plugin: the element-wise median merge."""
