@@ -1,0 +1,120 @@
+"""``adaptkit quantize``: happy path, JSON summary, and one-line errors with nothing half-written."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("torch")
+
+
+@pytest.fixture
+def model(tiny_llama):
+    return tiny_llama()
+
+
+def _err(result) -> str:
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_rtn_json_and_progress(adaptkit_cli, model, tmp_path) -> None:
+    out = tmp_path / "q"
+    r = adaptkit_cli("quantize", model, out, "--method", "rtn", "--bits", "4", "--group-size", "32", "--json")
+    assert r.exit_code == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["format"] == "gptq" and doc["quantized_modules"] == 14
+    assert doc["quantization_config"]["bits"] == 4
+    assert "model.layers.0" in r.stderr and "model.layers.1" in r.stderr  # per-layer progress on stderr
+    files = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "quantize_config.json"} <= files
+
+
+@pytest.mark.parametrize(
+    "args,code,needle",
+    [
+        (["--bits", "5"], 3, "--bits 5 is out of range"),
+        (["--group-size", "128"], 3, "not a multiple of group size 128"),
+        (["--group-size", "48"], 3, "--group-size 48 is out of range"),
+        (["--method", "nope"], 3, "unknown quantizer 'nope'"),
+        (["--act-order"], 3, "act-order"),
+        (["--damp", "0"], 3, "--damp"),
+    ],
+)
+def test_bad_options(adaptkit_cli, model, tmp_path, args, code, needle) -> None:
+    out = tmp_path / "q"
+    base = ["quantize", model, out, "--method", "rtn", "--group-size", "32"]
+    r = adaptkit_cli(*base, *args)
+    assert r.exit_code == code, r.stderr
+    assert needle in _err(r)
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]  # no temp folder left behind
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibration_file_errors(adaptkit_cli, model, tmp_path, method) -> None:
+    out = tmp_path / "q"
+    base = ["quantize", model, out, "--method", method, "--group-size", "32", "--seqlen", "64"]
+    r = adaptkit_cli(*base, "--calib", tmp_path / "missing.jsonl")
+    assert r.exit_code == 3 and "calibration file not found" in _err(r)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    r = adaptkit_cli(*base, "--calib", empty)
+    assert r.exit_code == 3 and "calibration file is empty" in _err(r)
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "too short"}) + "\n")
+    r = adaptkit_cli(*base, "--calib", short)
+    assert r.exit_code == 3 and "too short" in _err(r)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"txt": "x"}\n')
+    r = adaptkit_cli(*base, "--calib", bad)
+    assert r.exit_code == 3 and "bad.jsonl:1" in _err(r)
+    assert not out.exists()
+
+
+def test_already_quantized_and_dequantize(adaptkit_cli, model, tmp_path) -> None:
+    q = tmp_path / "q"
+    assert adaptkit_cli("quantize", model, q, "--method", "rtn", "--group-size", "32").exit_code == 0
+    r = adaptkit_cli("quantize", q, tmp_path / "q2", "--method", "nf4")
+    assert r.exit_code == 4
+    msg = _err(r)
+    assert "already quantized with gptq" in msg and "--method dequantize" in msg
+    d = tmp_path / "d"
+    r = adaptkit_cli("quantize", q, d, "--method", "dequantize", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert "quantization_config" not in json.loads((d / "config.json").read_text())
+    r = adaptkit_cli("quantize", model, tmp_path / "x", "--method", "dequantize")
+    assert r.exit_code == 4 and "not a GPTQ, AWQ or bitsandbytes" in _err(r)
+
+
+def test_output_exists_needs_force(adaptkit_cli, model, tmp_path) -> None:
+    out = tmp_path / "q"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    r = adaptkit_cli("quantize", model, out, "--method", "rtn", "--group-size", "32")
+    assert r.exit_code == 5
+    assert (out / "keep.txt").exists()
+    r = adaptkit_cli("quantize", model, out, "--method", "rtn", "--group-size", "32", "--force")
+    assert r.exit_code == 0 and not (out / "keep.txt").exists()
+
+
+def test_nf4_option_validation(adaptkit_cli, model, tmp_path) -> None:
+    r = adaptkit_cli("quantize", model, tmp_path / "q", "--method", "nf4", "-o", "blocksize=100")
+    assert r.exit_code == 3 and "blocksize" in _err(r)
+    r = adaptkit_cli("quantize", model, tmp_path / "q", "--method", "nf4", "-o", "bogus=1")
+    assert r.exit_code == 3 and "no such option" in _err(r)
+    r = adaptkit_cli("quantize", model, tmp_path / "q", "--method", "nf4", "--bits", "8")
+    assert r.exit_code == 3 and "nf4 is a 4-bit format" in _err(r)
+    r = adaptkit_cli("quantize", model, tmp_path / "q", "--method", "nf4", "-o", "blocksize=32", "--json")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads(r.stdout)["format"] == "bnb-nf4"
+
+
+def test_quantize_help_does_not_import_torch() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys; from adaptkit.cli import main; import adaptkit.cli.quantize, adaptkit_quant.plugin; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
