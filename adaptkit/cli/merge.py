@@ -1,0 +1,135 @@
+"""``adaptkit merge CONFIG.yml OUT``: merge checkpoints from a (mergekit-compatible) YAML recipe."""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import click
+
+
+class _Progress:
+    """One status line on stderr: rewritten in place on a terminal, a line every few seconds otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.last = 0.0
+        self.t0 = time.perf_counter()
+        self.wrote = False
+
+    def __call__(self, done: int, total: int, done_bytes: int, total_bytes: int) -> None:
+        if not self.enabled:
+            return
+        now = time.perf_counter()
+        final = done == total
+        if not final and now - self.last < (0.2 if self.tty else 5.0):
+            return
+        self.last = now
+        from adaptkit.io import format_size
+
+        line = (
+            f"merging: {done}/{total} tensors, {format_size(done_bytes)} / {format_size(total_bytes)} written, "
+            f"{now - self.t0:.1f}s"
+        )
+        if self.tty:
+            sys.stderr.write("\r" + line + ("\n" if final else ""))
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        self.wrote = True
+
+
+def _size(value: str) -> int:
+    from adaptkit.errors import ConfigError
+    from adaptkit.io import parse_size
+
+    try:
+        n = parse_size(value)
+    except (ValueError, ConfigError) as exc:
+        raise ConfigError(f"--max-shard-size: {exc}") from None
+    if n <= 0:
+        raise ConfigError(f"--max-shard-size must be positive, got {value!r}")
+    return n
+
+
+@click.command("merge")
+@click.argument("config_file", metavar="CONFIG.yml", type=click.Path(path_type=Path))
+@click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
+@click.option("--device", default="cpu", show_default=True, help="Compute device: cpu or cuda.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="Torch compute threads (default: all cores). The output does not depend on it.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of randomized methods (DARE/DELLA masks are seeded per tensor and model).")
+@click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 2GiB).")
+@click.option("--dry-run", is_flag=True, help="Validate and print the plan; reads headers only, writes nothing.")
+@click.option("--force", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary on stdout.")
+@click.option("--allow-pickle", is_flag=True,
+              help="Read legacy pickle weights (.bin/.pt) with torch.load(weights_only=True). Off by default.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+def merge(config_file: Path, out: Path, device: str, threads: Optional[int], seed: int, max_shard_size: str,
+          dry_run: bool, force: bool, as_json: bool, allow_pickle: bool, quiet: bool) -> None:
+    """Merge the models of CONFIG.yml (mergekit's YAML schema) into the folder OUT.
+
+    Every tensor of every input is merged, passed through, or excluded by an explicit config rule;
+    math is done in fp32 and rounded once; OUT appears atomically (nothing is left there on error).
+    """
+    from adaptkit.merge.engine import tune_allocator
+
+    tune_allocator()  # before torch is imported
+    from adaptkit.cli import get_host
+    from adaptkit.config import load_merge_config
+    from adaptkit.io import check_output_target, format_size
+    from adaptkit.merge.plan import build_plan
+
+    shard = _size(max_shard_size)
+    host = get_host()
+    cfg = load_merge_config(config_file)
+    check_output_target(out, force)
+    t0 = time.perf_counter()
+    plan = build_plan(cfg, config_file, host.mergers, seed=seed, allow_pickle=allow_pickle)
+    try:
+        summary = plan.summary(device)
+        if dry_run:
+            summary.update({"dry_run": True, "output": str(out), "plan_seconds": round(time.perf_counter() - t0, 3)})
+            if as_json:
+                click.echo(json.dumps(summary, indent=2))
+            else:
+                kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["tensor_kinds"].items()))
+                click.echo(f"plan: {summary['method']} of {len(summary['models'])} models -> {out}")
+                click.echo(f"  tensors: {summary['tensors']} ({kinds}); excluded by config: {summary['excluded']}")
+                for reason, n in sorted(summary["excluded_reasons"].items()):
+                    click.echo(f"    {n} excluded: {reason}")
+                click.echo(f"  read: {format_size(summary['bytes_read'])}, write: {format_size(summary['bytes_written'])}")
+                click.echo(f"  estimated peak memory: {format_size(summary['peak_memory_estimate'])}")
+                if summary["num_hidden_layers"] is not None:
+                    click.echo(f"  output layers: {summary['num_hidden_layers']}")
+                for note in summary["notes"]:
+                    click.echo(f"  note: {note}")
+            return
+
+        from adaptkit.merge.engine import run_merge
+
+        progress = _Progress(enabled=not quiet)
+
+        def _run() -> object:
+            return run_merge(plan, out, device=device, threads=threads, max_shard_size=shard, force=force,
+                             progress=progress)
+
+        result = host.run_step("merge", cfg.merge_method, _run, config=str(config_file), output=str(out),
+                               device=device)
+        doc = result.as_dict()
+        doc["excluded_reasons"] = summary["excluded_reasons"]
+        if as_json:
+            click.echo(json.dumps(doc, indent=2))
+        else:
+            stats = ", ".join(f"{k}={v}" for k, v in doc["stats"].items())
+            click.echo(
+                f"merged {doc['tensors']} tensors ({format_size(doc['bytes_written'])}) with {doc['method']} "
+                f"into {out} in {doc['seconds']:.1f}s" + (f"; {stats}" if stats else "")
+            )
+    finally:
+        plan.close()
