@@ -59,8 +59,8 @@ out = model.generate(**ids, max_new_tokens=16, do_sample=False)
 print("Q: What is the capital of France?\nA:", tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))
 PYEOF
 
-step "7. quantize the merged model with GPTQ (4-bit, g128) on built-in real-text calibration"
-$AK quantize "$OUT/merged" "$OUT/merged-gptq" --method gptq --bits 4 --group-size 128 --calib builtin --nsamples 16 --seqlen 256
+step "7. quantize the merged model with GPTQ (4-bit, g64: SmolLM2 hidden size 576 is not a multiple of 128) on built-in real-text calibration"
+$AK quantize "$OUT/merged" "$OUT/merged-gptq" --method gptq --bits 4 --group-size 64 --calib builtin --nsamples 16 --seqlen 256
 $AK inspect "$OUT/merged-gptq"
 
 step "done: outputs in $OUT/"
