@@ -77,8 +77,9 @@ def merge(config_file: Path, out: Path, device: str, threads: Optional[int], see
     Every tensor of every input is merged, passed through, or excluded by an explicit config rule;
     math is done in fp32 and rounded once; OUT appears atomically (nothing is left there on error).
     """
-    from adaptkit.merge.engine import tune_allocator
+    from adaptkit.merge.engine import tune_allocator, tune_openmp
 
+    tune_openmp()  # before torch is imported
     tune_allocator()  # before torch is imported
     from adaptkit.cli import get_host
     from adaptkit.config import load_merge_config

@@ -4,8 +4,12 @@
 
 1. reads the same-named tensors of the participating models from their memory maps and upcasts them to
    the compute dtype (fp32, fp64 when an input is fp64) on the compute device, in one copy per tensor;
-2. checks them for NaN/Inf (an input with NaN/Inf is a ``CheckpointError`` naming model and tensor);
-3. calls the merge method (a pure function, :class:`adaptkit.merge.api.MergeInputs` -> tensor);
+2. checks them for NaN/Inf (an input with NaN/Inf is a ``CheckpointError`` naming model and tensor; for the
+   built-in ``linear``, whose result is non-finite wherever an input is, the check runs once on the result
+   and only a non-finite result checks the inputs);
+3. calls the merge method (a pure function, :class:`adaptkit.merge.api.MergeInputs` -> tensor). The upcast
+   inputs are the call's own copies, marked ``inputs.owned = True``: built-in task-vector methods compute the
+   task vectors in place and write the result into the base tensor (same values, less memory);
 4. rounds the result ONCE to the output dtype and hands it to :class:`adaptkit.io.ShardedWriter`, which
    writes it at its precomputed offset in the output shard.
 
@@ -128,6 +132,9 @@ class _Executor:
         self.plan = plan
         self.device = torch.device(device)
         self.fn = plan.method.load()
+        from adaptkit.merge.linear import linear as _builtin_linear
+
+        self._fn_propagates = self.fn is _builtin_linear
         self.stats: Counter = Counter()
         self.fadvise = _Fadvisor()
         from adaptkit.io.dtypes import torch_dtype
@@ -159,6 +166,13 @@ class _Executor:
                 f"({n} of {t.numel()} values)"
             )
 
+    def _defer_check(self, task: TensorTask) -> bool:
+        """Whether the NaN/Inf check of ``task``'s inputs may wait for the result: for methods whose output is
+        non-finite wherever an input is (``linear``: ``sum_i w_i x_i``, a zero weight gives 0 * inf = NaN),
+        one pass over the result replaces one pass per input; only a non-finite result checks the inputs
+        (same error), and a finite one proves them finite."""
+        return task.kind == "merge" and task.base is None and self._fn_propagates
+
     def _upcast(self, task: TensorTask, mi: int, name: str, rows: Optional[tuple[int, int]] = None) -> Any:
         torch = self.torch
         raw = self._raw(mi, name)
@@ -172,7 +186,8 @@ class _Executor:
             out = raw.to(self.device, non_blocking=False).to(dtype)
             if out.data_ptr() == raw.data_ptr():  # pragma: no cover - defensive
                 out = out.clone()
-        self._check_finite(out, mi, name)
+        if not self._defer_check(task):
+            self._check_finite(out, mi, name)
         return out
 
     def load(self, task: TensorTask) -> Optional[dict[tuple[int, str], Any]]:
@@ -247,6 +262,9 @@ class _Executor:
             seed=self.plan.seed,
             layer_index=task.layer_index,
         )
+        # the upcast inputs are this call's own copies, read by nobody afterwards: built-in methods may
+        # overwrite them (compute task vectors in place, write the result into the base tensor)
+        inputs.owned = True  # type: ignore[attr-defined]
         result = self.fn(inputs)
         if not isinstance(result, torch.Tensor):
             raise CheckpointError(
@@ -259,6 +277,11 @@ class _Executor:
                 f"merge method {self.plan.method_name!r} returned shape {list(result.shape)} for tensor "
                 f"{task.out_name!r}, expected {list(expected)}"
             )
+        if self._defer_check(task) and result.numel():
+            total = float(result.sum(dtype=torch.float64) if result.dtype == torch.float64 else result.sum())
+            if not math.isfinite(total):
+                for (mi, name), t in loaded.items():
+                    self._check_finite(t, mi, name)  # raises for a non-finite input; else an overflow
         self.stats.update(inputs.stats)
         # free the upcast inputs (every frame shares this dict) before the rounded copy is allocated
         loaded.clear()
@@ -283,6 +306,18 @@ def tune_allocator() -> None:
         libc.mallopt(-1, 512 * 2**20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+def tune_openmp() -> None:
+    """Let idle OpenMP workers sleep instead of spinning: between the engine's many short parallel regions
+    (chunks of a few MiB) spinning workers burn CPU time that does no work, and on a shared machine they
+    take it from other processes. Only effective before torch is first imported in the process; a value
+    the user set (``OMP_WAIT_POLICY``) is kept."""
+    import sys
+
+    if "torch" in sys.modules:
+        return
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _check_not_an_input(plan: MergePlan, out: Path) -> None:

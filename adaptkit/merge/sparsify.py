@@ -9,7 +9,10 @@ combination step evaluates chunk by chunk (the full mask is never materialized).
 Magnitude order (documented in specs/merge-math.md): elements are ranked by ``|delta|`` descending; among
 equal magnitudes the element with the *lower flat index* ranks higher. ``top_k_mask`` keeps the ``k``
 highest-ranked elements, exactly ``k`` of them, whatever the ties. Thresholds come from an exact selection
-(``torch.kthvalue``), narrowed first by a deterministic strided sample, never from a full sort.
+(``torch.kthvalue``), narrowed first by a deterministic strided sample, never from a full sort. With heavy
+ties (bf16 checkpoints: a task vector takes a few thousand distinct values, the commonest holding 10-20 % of
+the entries) the sample's estimate of the threshold is tested first with one counting pass; the counts decide,
+so the result is the same either way. The TIES trim is then applied as ``hardshrink`` (``TopKMasker.trim``).
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from adaptkit.merge._util import CHUNK, flat_chunks
 if TYPE_CHECKING:  # pragma: no cover
     import torch
 
-_SAMPLE = 1 << 16  # strided sample size used to bracket the threshold
+_SAMPLE = 1 << 15  # strided sample size used to bracket the threshold
 _EXACT_BELOW = 1 << 18  # below this many elements select on everything at once
 
 
@@ -106,15 +109,49 @@ def _cutoff(src: AbsDelta, t: "torch.Tensor", need: int, chunk: int, counts: "li
             if seen + cnt < need:
                 seen += cnt
                 continue
-        eq = src.chunk(s, e) == t
+        a = src.chunk(s, e)
         if counts is None:
-            cnt = int(torch.count_nonzero(eq))
+            cnt = int(torch.count_nonzero(a == t))
             if seen + cnt < need:
                 seen += cnt
                 continue
-        pos = torch.nonzero(eq).flatten()
-        return s + int(pos[need - seen - 1])
+        return s + _nth_equal(a, t, need - seen)
     raise AssertionError("selection bookkeeping")  # pragma: no cover
+
+
+_BLOCK = 4096
+
+
+def _nth_equal(a: "torch.Tensor", t: "torch.Tensor", m: int) -> int:
+    """Index in the flat ``a`` of the ``m``-th (1-based) element equal to ``t`` (it exists). Counts per block of
+    4096 (a row reduction on a 0/1 float copy) locate the block, ``nonzero`` runs on that block only."""
+    import torch
+
+    n = a.numel()
+    rows = n // _BLOCK
+    base = 0
+    if rows > 1:
+        eq = torch.eq(a[: rows * _BLOCK], t, out=torch.empty(rows * _BLOCK, dtype=a.dtype, device=a.device))
+        per = eq.view(rows, _BLOCK).sum(dim=1).to(torch.int64)  # exact: at most 4096 per row
+        cum = torch.cumsum(per, 0)
+        r = int(torch.searchsorted(cum, torch.tensor([m], dtype=torch.int64, device=a.device)))
+        if r < rows:
+            before = int(cum[r - 1]) if r > 0 else 0
+            pos = torch.nonzero(a[r * _BLOCK : (r + 1) * _BLOCK] == t).flatten()
+            return r * _BLOCK + int(pos[m - before - 1])
+        base = rows * _BLOCK
+        m -= int(cum[-1])
+    pos = torch.nonzero(a[base:] == t).flatten()
+    return base + int(pos[m - 1])
+
+
+def _count(flags: "torch.Tensor") -> int:
+    """Number of ones in a 0/1 float tensor (exact below 2^24 elements: every partial sum is an integer)."""
+    if flags.numel() >= 1 << 24:
+        import torch
+
+        return int(torch.count_nonzero(flags))
+    return int(flags.sum())
 
 
 def _select(src: AbsDelta, k: int, chunk: int) -> "tuple[torch.Tensor, int]":
@@ -129,9 +166,28 @@ def _select(src: AbsDelta, k: int, chunk: int) -> "tuple[torch.Tensor, int]":
         margin = 8 * math.sqrt(max(s * q * (1 - q), 1.0)) + 16
         r_lo = int(max(1, math.floor(s * (1 - q) - margin)))
         r_hi = int(min(s, math.ceil(s * (1 - q) + margin)))
-        lo = torch.kthvalue(sample, r_lo).values
-        hi = torch.kthvalue(sample, r_hi).values
-        del sample
+        ordered = torch.sort(sample).values
+        lo = ordered[r_lo - 1]
+        hi = ordered[r_hi - 1]
+        # Heavy ties (bf16 checkpoints: task vectors take a few thousand distinct values, the most common
+        # ones 10-20 % of the entries each): when the sample's estimate of t is such a value, test it with one
+        # counting pass (above / equal) instead of collecting every candidate of the bracket. The counts
+        # decide; a wrong guess falls through to the bracket pass.
+        v = ordered[min(s, max(1, round(s * (1 - q)))) - 1]
+        if bool(lo == hi) or int(torch.count_nonzero(ordered == v)) * 64 >= s:
+            gt_v = 0
+            eq_counts: list[int] = []
+            # 0/1 float flags summed: exact (integers below 2^24 per chunk) and cheaper than bool + count
+            fl = torch.empty(min(chunk, n), dtype=ordered.dtype, device=ordered.device)
+            for cs, ce in flat_chunks(n, chunk):
+                a = src.chunk(cs, ce)
+                f = fl[: ce - cs] if ce - cs <= fl.numel() else torch.empty_like(a)
+                n_gt = _count(torch.gt(a, v, out=f))
+                gt_v += n_gt
+                eq_counts.append(_count(torch.ge(a, v, out=f)) - n_gt)
+            if gt_v < k <= gt_v + sum(eq_counts):
+                return v, _cutoff(src, v, k - gt_v, chunk, eq_counts)
+        del sample, ordered
         same = bool(lo == hi)
         above = 0
         counts: list[int] = []
@@ -183,6 +239,11 @@ class Masker:
         raise NotImplementedError
 
 
+    def trim(self, s: int, e: int, delta: "torch.Tensor", buf: "torch.Tensor") -> "torch.Tensor":
+        """``delta *= mask`` for flat indices ``[s, e)`` (in place; ``buf``: a float scratch chunk)."""
+        return delta.mul_(self.mask(s, e, delta, buf))
+
+
 class TensorMasker(Masker):
     """A precomputed boolean mask (any shape; flattened)."""
 
@@ -195,6 +256,29 @@ class TensorMasker(Masker):
 
 class TopKMasker(Masker):
     """Keep the descending-magnitude ranks ``[lo, hi)`` of ``|x - y|`` (computed from the delta chunks)."""
+
+    def trim(self, s: int, e: int, delta: "torch.Tensor", buf: "torch.Tensor") -> "torch.Tensor":
+        """In place: zero the entries of ``delta`` (flat indices ``[s, e)``) outside the kept ranks. For a plain
+        top-k (TIES) this is ``hardshrink`` at the threshold (``|d| > t``; ``|d| >= t``, i.e. ``> nextafter(t,
+        0)``, up to the tie cutoff): one pass instead of abs, compare and multiply; same kept set. A dropped
+        entry becomes +0.0 rather than ``d * 0.0`` (-0.0 for a negative ``d``); equal values."""
+        import torch
+
+        top = self.hi
+        if self.lo is not None or top.t is None or delta.dtype not in (torch.float32, torch.float64):
+            return super().trim(s, e, delta, buf)
+        hs = torch.ops.aten.hardshrink.out
+        t = float(top.t)
+        below = float(torch.nextafter(top.t, torch.zeros((), dtype=top.t.dtype)))
+        n = e - s
+        if e - 1 <= top.cutoff:
+            return hs(delta, below, out=delta)
+        if s > top.cutoff:
+            return hs(delta, t, out=delta)
+        j = top.cutoff - s + 1
+        hs(delta[:j], below, out=delta[:j])
+        hs(delta[j:n], t, out=delta[j:n])
+        return delta
 
     def __init__(self, x: "torch.Tensor", y: "torch.Tensor | None", lo: int, hi: int, chunk: int = CHUNK) -> None:
         src = AbsDelta(x, y)
