@@ -1,0 +1,387 @@
+"""GPTQ (Frantar, Ashkboos, Hoefler, Alistarh 2022, "GPTQ: Accurate Post-Training Quantization for
+Generative Pre-trained Transformers"), implemented from the paper in torch, CPU and CUDA.
+
+For one linear layer ``W [out, in]`` with calibration inputs ``X [in, n]`` GPTQ minimizes
+``||W X - Ŵ X||²`` column by column: with ``H = 2 X Xᵀ / n`` and ``U`` the upper Cholesky factor of
+``H⁻¹`` (``H⁻¹ = Uᵀ U``), column ``j`` is rounded to the grid, and its error ``e = (w_j - q_j) / U[j, j]`` is
+spread over the not yet quantized columns: ``W[:, k] -= e · U[j, k]`` for ``k > j``. Updates are applied
+lazily in blocks of ``block_size`` columns (mathematically identical to the column-by-column recursion).
+
+Details (defaults in specs/quantization.md):
+
+* ``H`` is accumulated in float64 over calibration batches (each batch's ``XᵀX`` in float32), scaled by
+  ``2 / n_tokens`` at the end; inversion runs in float64, the column recursion in ``compute_dtype``
+  (float32 by default).
+* dead inputs (``H[i, i] == 0``: the input never fires on the calibration set) get ``H[i, i] = 1`` and
+  ``W[:, i] = 0``.
+* dampening: ``H += damp · mean(diag H) · I``; if the Cholesky factorisation fails (``H`` not positive
+  definite numerically), ``damp`` is multiplied by 10 and retried up to ``max_damp`` (reported in the
+  stats); a Hessian that is still not factorable, or not finite, raises a one-line ``CheckpointError``.
+* groups (``group_size > 0``): the group's scale and zero point are computed from the *current* (already
+  error-updated) weights when the recursion enters the group's first column; ``group_size = -1``: one
+  group per output row, computed before the recursion.
+* act-order (``desc_act``): columns are processed by decreasing ``diag H``; group ``g`` is the ``g``-th run
+  of ``group_size`` columns *in processing order*, and ``g_idx[i]`` records the group of original column
+  ``i``. With ``static_groups`` the groups are the original contiguous column ranges, their parameters
+  computed from the original weights before the recursion.
+* the grid is the shared GPTQ convention of ``adaptkit_quant.api`` (scales rounded to fp16 first, range
+  includes 0, sym zero = 2^(bits-1), asym zero >= 1 so that GPTQ v1 can store zero-1).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+from adaptkit.errors import CheckpointError, ConfigError
+
+from adaptkit_quant.api import QuantizedLinear, QuantSpec
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+DEFAULT_BLOCK_SIZE = 128
+MAX_DAMP = 10.0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the quantization grid (GPTQ convention, see api.py)
+# ---------------------------------------------------------------------------------------------------------
+def find_params(w: "torch.Tensor", bits: int, sym: bool) -> tuple["torch.Tensor", "torch.Tensor"]:
+    """Per-row (scale, zero) of ``w [rows, cols]`` on the shared grid (``rtn.find_params``), in w's dtype."""
+    from adaptkit_quant import rtn
+
+    s, z = rtn.find_params(w, bits, sym)
+    return s.to(w.dtype), z.to(w.dtype)
+
+
+def quantize_codes(w: "torch.Tensor", scale: "torch.Tensor", zero: "torch.Tensor", maxq: int) -> "torch.Tensor":
+    """Integer codes (as floats) ``clamp(round(w / scale) + zero, 0, maxq)``; scale/zero broadcast per row."""
+    import torch
+
+    if scale.dim() == 1:
+        scale = scale.unsqueeze(1)
+        zero = zero.unsqueeze(1)
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hessian accumulation
+# ---------------------------------------------------------------------------------------------------------
+class HessianAccumulator:
+    """``H = 2/n · Σ x xᵀ`` over all calibration tokens fed through ``add`` (float64 sum)."""
+
+    def __init__(self, columns: int, device: Any = "cpu") -> None:
+        import torch
+
+        self.columns = columns
+        self.sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: "torch.Tensor") -> None:
+        import torch
+
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
+        if x.shape[1] != self.columns:
+            raise ValueError(f"HessianAccumulator: expected {self.columns} input features, got {x.shape[1]}")
+        self.sum += (x.T @ x).to(torch.float64)
+        self.n += int(x.shape[0])
+
+    def hessian(self) -> "torch.Tensor":
+        if self.n == 0:
+            raise ValueError("HessianAccumulator: no calibration tokens were seen")
+        return self.sum * (2.0 / self.n)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the GPTQ recursion for one weight matrix
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class GPTQStats:
+    damp: float  #: the dampening finally used (fraction of mean diag H)
+    retries: int  #: how many times damp was multiplied by 10
+    dead: int  #: dead input columns (diag H == 0)
+    loss: float  #: GPTQ's objective: sum over columns of (w - q)² / U[j,j]² / 2
+    rel_err: float = float("nan")  #: ||(W - Ŵ) X||_F / ||W X||_F over the calibration tokens (from H)
+    notes: list[str] = field(default_factory=list)
+
+
+def inverse_hessian_upper(H: "torch.Tensor", damp: float, *, name: str = "", max_damp: float = MAX_DAMP) -> tuple["torch.Tensor", float, int]:
+    """Upper Cholesky factor ``U`` of ``(H + d·mean(diag H)·I)⁻¹`` (float64) with the damping fix-up.
+
+    Returns ``(U, damp_used, retries)``. Raises ``CheckpointError`` when ``H`` is not finite or cannot be
+    made positive definite with ``damp <= max_damp``.
+    """
+    import torch
+
+    where = f"{name}: " if name else ""
+    if not bool(torch.isfinite(H).all()):
+        raise CheckpointError(
+            f"{where}GPTQ Hessian has NaN/inf entries: the calibration activations reaching this layer are not "
+            "finite (check the input checkpoint for NaN/inf weights)"
+        )
+    n = H.shape[0]
+    mean_diag = float(torch.diagonal(H).mean())
+    if not mean_diag > 0:
+        mean_diag = 1.0
+    d = float(damp)
+    retries = 0
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    while True:
+        Hd = H + (d * mean_diag) * eye
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            U, info2 = torch.linalg.cholesky_ex(Hinv, upper=True)
+            if int(info2) == 0 and bool(torch.isfinite(U).all()):
+                return U, d, retries
+        if d * 10 > max_damp * (1 + 1e-9) or d == 0 and retries > 0:
+            raise CheckpointError(
+                f"{where}GPTQ Hessian is not positive definite even with damp={d:g} (tried {retries + 1} "
+                f"dampening values from {damp:g}, limit {max_damp:g}); the calibration set may be too small "
+                "or degenerate for this layer (use more --nsamples or a larger --damp)"
+            )
+        d = d * 10 if d > 0 else 1e-6
+        retries += 1
+
+
+class _few_threads:
+    """Run the column recursion single-threaded on CPU: its ops are tiny, and OpenMP synchronisation
+    dominates (16x slower with 2 threads on a busy 2-core machine). Restores the thread count."""
+
+    def __init__(self, device: Any) -> None:
+        self.cpu = getattr(device, "type", str(device)) == "cpu"
+
+    def __enter__(self) -> None:
+        import torch
+
+        if self.cpu:
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        if self.cpu:
+            torch.set_num_threads(self.saved)
+
+
+def _block_size(block_size: int, group_size: int, columns: int) -> int:
+    """A block size such that no group straddles two blocks (a multiple of the group size)."""
+    if group_size <= 0 or group_size >= columns:
+        return block_size
+    if group_size <= block_size:
+        return (block_size // group_size) * group_size
+    return group_size
+
+
+def gptq_quantize(
+    W: "torch.Tensor",
+    H: "torch.Tensor",
+    spec: QuantSpec,
+    *,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    compute_dtype: Any = None,
+    name: str = "",
+    max_damp: float = MAX_DAMP,
+) -> tuple[QuantizedLinear, GPTQStats]:
+    """Quantize ``W [out, in]`` given the Hessian ``H [in, in]`` (``2/n Σ x xᵀ``); see the module doc.
+
+    Returns the :class:`QuantizedLinear` (codes in the original column order, ``g_idx``) and stats.
+    """
+    import torch
+
+    compute_dtype = compute_dtype or torch.float32
+    rows, cols = W.shape
+    if tuple(H.shape) != (cols, cols):
+        raise ValueError(f"{name}: Hessian shape {tuple(H.shape)} does not match weight {tuple(W.shape)}")
+    gs = spec.group_size
+    if gs != -1 and (gs <= 0):
+        raise ConfigError(f"group size must be -1 or positive, got {gs}")
+    if gs != -1 and cols % gs != 0:
+        raise ConfigError(f"{name}: {cols} input features are not divisible by --group-size {gs}")
+    maxq = spec.maxq
+    dev = W.device
+    W = W.detach().to(compute_dtype).clone()
+    H = H.detach().to(device=dev, dtype=torch.float64).clone()
+
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    n_dead = int(dead.sum())
+    if n_dead:
+        H[dead, dead] = 1.0
+        W[:, dead] = 0
+
+    static_params = None
+    if gs != -1 and spec.static_groups:
+        # parameters of the original contiguous groups, from the original weights
+        static_params = [find_params(W[:, g0:g0 + gs], spec.bits, spec.sym) for g0 in range(0, cols, gs)]
+
+    if spec.act_order:
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+        invperm = torch.argsort(perm)
+    else:
+        perm = invperm = None
+
+    U, damp_used, retries = inverse_hessian_upper(H, spec.damp, name=name, max_damp=max_damp)
+    Hinv = U.to(compute_dtype)
+    del H, U
+
+    n_groups = 1 if gs == -1 else cols // gs
+    scales = torch.zeros(n_groups, rows, dtype=compute_dtype, device=dev)
+    zeros = torch.zeros(n_groups, rows, dtype=compute_dtype, device=dev)
+    codes = torch.zeros(rows, cols, dtype=compute_dtype, device=dev)
+    losses = torch.zeros(rows, dtype=compute_dtype, device=dev)
+
+    if gs == -1:
+        s, z = find_params(W, spec.bits, spec.sym)
+        scales[0], zeros[0] = s, z
+    scale = zero = None
+    if gs == -1:
+        scale, zero = scales[0], zeros[0]
+
+    bs = _block_size(block_size, gs, cols)
+    with _few_threads(dev):
+        for i1 in range(0, cols, bs):
+            i2 = min(i1 + bs, cols)
+            count = i2 - i1
+            W1 = W[:, i1:i2].clone()
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            Hinv1 = Hinv[i1:i2, i1:i2]
+            diag1 = torch.diagonal(Hinv1).tolist()
+            for i in range(count):
+                j = i1 + i  # column in processing order
+                if gs != -1:
+                    if static_params is not None:
+                        g = int(perm[j]) // gs if perm is not None else j // gs
+                        scale, zero = static_params[g]
+                    elif j % gs == 0:
+                        g = j // gs
+                        scale, zero = find_params(W1[:, i:i + gs], spec.bits, spec.sym)
+                        scales[g], zeros[g] = scale, zero
+                w = W1[:, i]
+                q = torch.round(w / scale).add_(zero).clamp_(0, maxq)
+                Q1[:, i] = q
+                err = (w - (q - zero).mul_(scale)).div_(diag1[i])
+                Err1[:, i] = err
+                W1[:, i:].addr_(err, Hinv1[i, i:], alpha=-1)
+            losses += Err1.pow(2).sum(dim=1) / 2
+            codes[:, i1:i2] = Q1
+            if i2 < cols:
+                W[:, i2:].sub_(Err1 @ Hinv[i1:i2, i2:])
+
+    if static_params is not None:
+        for g, (s, z) in enumerate(static_params):
+            scales[g], zeros[g] = s, z
+        g_idx = torch.arange(cols, device=dev) // gs
+    elif gs == -1:
+        g_idx = torch.zeros(cols, dtype=torch.long, device=dev)
+    else:
+        g_idx = torch.arange(cols, device=dev) // gs  # in processing order
+        if invperm is not None:
+            g_idx = g_idx[invperm]
+    if invperm is not None:
+        codes = codes[:, invperm]
+
+    ql = QuantizedLinear(
+        codes=codes.to(torch.uint8 if spec.bits <= 8 else torch.int32).cpu(),
+        scales=scales.to(torch.float32).cpu(),
+        zeros=zeros.round().to(torch.int32).cpu(),
+        g_idx=g_idx.to(torch.int32).cpu(),
+        spec=spec,
+    )
+    stats = GPTQStats(damp=damp_used, retries=retries, dead=n_dead, loss=float(losses.sum()))
+    if retries:
+        stats.notes.append(f"Hessian not positive definite at damp={spec.damp:g}; used damp={damp_used:g}")
+    return ql, stats
+
+
+def output_rel_error(W: "torch.Tensor", W_hat: "torch.Tensor", H: "torch.Tensor") -> float:
+    """``||(W - Ŵ) X||_F / ||W X||_F`` computed from ``H = 2/n X Xᵀ`` (no need to keep X)."""
+    import torch
+
+    H = H.to(torch.float64)
+    D = (W.to(torch.float64) - W_hat.to(torch.float64).to(W.device))
+    num = float(torch.einsum("oi,ij,oj->", D, H.to(D.device), D))
+    W64 = W.to(torch.float64)
+    den = float(torch.einsum("oi,ij,oj->", W64, H.to(W64.device), W64))
+    return math.sqrt(max(num, 0.0) / den) if den > 0 else float("nan")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the quantizer entry point (called by the driver): streaming, layer by layer
+# ---------------------------------------------------------------------------------------------------------
+def quantize(request: Any) -> Iterator[tuple[str, Any]]:
+    """The ``gptq`` quantizer: yields ``(module_name, QuantizedLinear)`` one decoder layer at a time.
+
+    Calibration hidden states enter decoder layer 0; for each layer, its weights are read from the
+    checkpoint, the target linears are quantized in true-sequential groups (modules that share an input,
+    in execution order: q/k/v, then o, then gate/up, then down), each group's Hessian collected from the
+    layer *with the previous groups already quantized*; then the quantized layer's outputs become the next
+    layer's inputs. Peak memory: one layer (fp32) plus the calibration activations.
+    """
+    from adaptkit_quant.layerwise import LayerwiseModel
+
+    spec: QuantSpec = request.spec
+    block_size = int(request.options.get("block_size", DEFAULT_BLOCK_SIZE)) if request.options else DEFAULT_BLOCK_SIZE
+    lw = LayerwiseModel.from_request(request)
+    targets = set(request.targets)
+    done: set[str] = set()
+    try:
+        yield from _stream_layers(request, lw, spec, block_size, targets, done)
+    finally:
+        lw.close()
+    missing = [t for t in request.targets if t not in done]
+    if missing:
+        raise ConfigError(
+            f"gptq can only quantize linear layers inside the decoder layers; {missing[0]!r} is outside them"
+            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+        )
+
+
+def _stream_layers(request: Any, lw: Any, spec: QuantSpec, block_size: int, targets: set[str], done: set[str]) -> Iterator[tuple[str, Any]]:
+    import torch
+
+    from adaptkit_quant.layerwise import run_sequential_groups
+
+    for idx in range(lw.num_layers):
+        layer = lw.load_layer(idx)
+        layer_targets = [n for n in lw.linear_names(idx) if n in targets]
+
+        def quantize_group(names: list[str], H: "torch.Tensor", modules: dict[str, Any]) -> dict[str, Any]:
+            # modules sharing an input share H: their rows are quantized in one recursion (rows are
+            # independent given H, so this equals quantizing them one by one, with one factorisation)
+            Ws = [modules[full].weight.detach().float() for full in names]
+            W = torch.cat(Ws, dim=0)
+            label = "+".join(full.rsplit(".", 1)[-1] for full in names)
+            ql, st = gptq_quantize(W, H, spec, block_size=block_size, name=label if len(names) > 1 else names[0])
+            out = {}
+            r0 = 0
+            errs = []
+            for full, Wm in zip(names, Ws):
+                r1 = r0 + Wm.shape[0]
+                part = QuantizedLinear(
+                    codes=ql.codes[r0:r1].contiguous(), scales=ql.scales[:, r0:r1].contiguous(),
+                    zeros=ql.zeros[:, r0:r1].contiguous(), g_idx=ql.g_idx.clone(), spec=spec,
+                )
+                W_hat = part.dequantize().to(Wm.device)
+                errs.append(f"{full.rsplit('.', 1)[-1]}={output_rel_error(Wm, W_hat, H):.4f}")
+                out[full] = (part, W_hat)
+                r0 = r1
+            msg = f"layer {idx + 1}/{lw.num_layers} gptq rel_err " + " ".join(errs)
+            if st.retries:
+                msg += f" ({st.notes[0]})"
+            if st.dead:
+                msg += f" dead_inputs={st.dead}"
+            request.report(msg)
+            return out
+
+        results = run_sequential_groups(lw, idx, layer, layer_targets, quantize_group, true_sequential=spec.true_sequential)
+        for full, ql in results:
+            done.add(full)
+            yield full, ql
+        lw.advance(idx, layer)
+        lw.unload_layer(idx)

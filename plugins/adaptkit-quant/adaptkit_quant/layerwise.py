@@ -1,0 +1,370 @@
+"""Streaming a decoder-only model one decoder layer at a time, for calibration-based quantizers.
+
+``LayerwiseModel`` builds the transformers model on the ``meta`` device (no memory), materializes only the
+modules *before* the decoder layers (embeddings, rotary tables) from the safetensors checkpoint, and runs
+the calibration token ids through them with decoder layer 0 replaced by a catcher that records the hidden
+states and the exact keyword arguments the model passes to its layers (attention mask, position ids,
+rotary cos/sin). From then on a quantizer loads one layer at a time (``load_layer``), runs the recorded
+inputs through it, and ``advance`` replaces the inputs by the layer's outputs before ``unload_layer`` puts
+it back on ``meta``. Peak memory: one layer in fp32 plus the calibration activations.
+
+``run_sequential_groups`` finds, with one discovery forward, which target linears share an input tensor
+(q/k/v; gate/up) and in which order groups run (q/k/v, o, gate/up, down for Llama-like layers; any layer
+structure works), then collects each group's Hessian with the earlier groups already quantized
+("true sequential" GPTQ), stopping the forward as soon as the group has run.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from adaptkit.errors import CheckpointError, ConfigError
+
+if TYPE_CHECKING:  # pragma: no cover
+    import torch
+
+DEFAULT_BATCH_TOKENS = 4096
+
+
+class _Stop(Exception):
+    """Raised inside a forward to stop it once everything needed has run."""
+
+
+def _set_tensor(root: Any, dotted: str, tensor: "torch.Tensor", *, buffer: bool = False) -> None:
+    import torch
+
+    mod_name, _, attr = dotted.rpartition(".")
+    mod = root.get_submodule(mod_name) if mod_name else root
+    if attr in mod._parameters:
+        mod._parameters[attr] = torch.nn.Parameter(tensor, requires_grad=False)
+    elif attr in mod._buffers:
+        mod._buffers[attr] = tensor
+    else:  # pragma: no cover - callers only pass existing names
+        raise KeyError(dotted)
+
+
+def resolve_device(device: str | None) -> "torch.device":
+    import torch
+
+    dev = torch.device(device or "cpu")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: CUDA is not available on this machine (torch.cuda.is_available() is False)")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {device}: expected cpu or cuda")
+    return dev
+
+
+class LayerwiseModel:
+    """A meta-device transformers model whose decoder layers are loaded one at a time (see module doc)."""
+
+    def __init__(self, model_dir: str | Path, checkpoint: Any, *, device: str = "cpu") -> None:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.model_dir = Path(model_dir)
+        self.checkpoint = checkpoint
+        self.device = resolve_device(device)
+        self.dtype = torch.float32
+        try:
+            self.config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"{self.model_dir}: cannot read config.json ({type(e).__name__}: {e})") from None
+        try:
+            with torch.device("meta"):
+                self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32, attn_implementation="sdpa")
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(
+                f"{self.model_dir}: transformers cannot build a causal LM for model_type "
+                f"{getattr(self.config, 'model_type', '?')!r} ({type(e).__name__}: {e})"
+            ) from None
+        self.model.eval()
+        self.base = self.model.base_model
+        self.layers, self.prefix = self._find_layers()
+        self.num_layers = len(self.layers)
+        self.inps: list["torch.Tensor"] = []
+        self.kwargs: list[dict[str, Any]] = []
+
+    # -- construction ------------------------------------------------------------------------------------
+    @classmethod
+    def from_request(cls, request: Any, *, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> "LayerwiseModel":
+        from adaptkit_quant import calib
+
+        checkpoint = request.checkpoint
+        own = None
+        if checkpoint is None:
+            from adaptkit.io import open_checkpoint
+
+            checkpoint = own = open_checkpoint(request.model_dir)
+        lw = cls(request.model_dir, checkpoint, device=request.device)
+        lw._own_checkpoint = own
+        tokenizer = calib.load_tokenizer(request.model_dir)
+        ids = request.calibration_ids(tokenizer) if hasattr(request, "calibration_ids") else calib.calibration_ids(request, tokenizer)
+        request.report(f"calibration: {ids.shape[0]} samples x {ids.shape[1]} tokens ({request.calib})")
+        lw.catch_inputs(ids, batch_tokens=batch_tokens)
+        return lw
+
+    def _find_layers(self) -> tuple[Any, str]:
+        import torch
+
+        n = int(getattr(self.config, "num_hidden_layers", 0) or 0)
+        best = None
+        for name, mod in self.model.named_modules():
+            if isinstance(mod, torch.nn.ModuleList) and len(mod) == n and n > 0:
+                if best is None or name.count(".") < best[1].count("."):
+                    best = (mod, name)
+        if best is None:
+            raise CheckpointError(
+                f"{self.model_dir}: cannot find the {n} decoder layers of model_type "
+                f"{getattr(self.config, 'model_type', '?')!r}"
+            )
+        return best
+
+    def _key(self, name: str) -> str:
+        return name
+
+    def _materialize_outside_layers(self) -> None:
+        """Load every parameter outside the decoder layers and the LM head that the checkpoint has, and
+        rebuild rotary-embedding modules (their tables are non-persistent buffers)."""
+        import torch
+
+        names = set(self.checkpoint.names())
+        lp = self.prefix + "."
+        for name, p in list(self.model.named_parameters()):
+            if name.startswith(lp) or name.startswith("lm_head"):
+                continue
+            if name in names:
+                _set_tensor(self.model, name, self.checkpoint.get(name).to(device=self.device, dtype=torch.float32))
+        for name, buf in list(self.model.named_buffers()):
+            if name.startswith(lp):
+                continue
+            if name in names:
+                _set_tensor(self.model, name, self.checkpoint.get(name).to(device=self.device, dtype=torch.float32), buffer=True)
+        for name, mod in list(self.model.named_modules()):
+            if name.startswith(lp) or not name:
+                continue
+            if "inv_freq" in getattr(mod, "_buffers", {}) and mod._buffers["inv_freq"].is_meta:
+                with torch.device("cpu"):
+                    new = type(mod)(config=self.config)
+                parent_name, _, attr = name.rpartition(".")
+                parent = self.model.get_submodule(parent_name) if parent_name else self.model
+                setattr(parent, attr, new.to(self.device))
+
+    def catch_inputs(self, ids: "torch.Tensor", *, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> None:
+        """Run ``ids [n, seqlen]`` up to decoder layer 0 and record its inputs (batched)."""
+        import torch
+
+        self._materialize_outside_layers()
+        n, seqlen = ids.shape
+        bsz = max(1, batch_tokens // max(1, seqlen))
+        first = self.layers[0]
+        recorded: list[tuple["torch.Tensor", dict[str, Any]]] = []
+
+        class Catcher(torch.nn.Module):
+            def __init__(self, inner: Any) -> None:
+                super().__init__()
+                self.inner = inner
+                for attr in ("attention_type", "layer_idx", "is_sliding"):
+                    if hasattr(inner, attr):
+                        setattr(self, attr, getattr(inner, attr))
+
+            def forward(self, hidden_states: Any, *args: Any, **kwargs: Any) -> Any:
+                if args:
+                    raise CheckpointError("decoder layers called with positional arguments are not supported")
+                kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
+                kwargs["use_cache"] = False
+                recorded.append((hidden_states.detach(), kwargs))
+                raise _Stop
+
+        self.layers[0] = Catcher(first)
+        try:
+            with torch.no_grad():
+                for b0 in range(0, n, bsz):
+                    batch = ids[b0:b0 + bsz].to(self.device)
+                    try:
+                        self.base(input_ids=batch, use_cache=False)
+                    except _Stop:
+                        pass
+                    else:  # pragma: no cover - the catcher always raises
+                        raise CheckpointError("calibration forward did not reach decoder layer 0")
+        finally:
+            self.layers[0] = first
+        self.inps = [h for h, _ in recorded]
+        self.kwargs = [kw for _, kw in recorded]
+
+    # -- one layer at a time -----------------------------------------------------------------------------
+    def layer_prefix(self, idx: int) -> str:
+        return f"{self.prefix}.{idx}"
+
+    def load_layer(self, idx: int) -> Any:
+        """Decoder layer ``idx`` on the device with its fp32 weights from the checkpoint."""
+        import torch
+
+        layer = self.layers[idx]
+        pre = self.layer_prefix(idx) + "."
+        names = set(self.checkpoint.names())
+        for name, _ in list(layer.named_parameters()):
+            key = pre + name
+            if key not in names:
+                raise CheckpointError(f"{self.model_dir}: tensor {key!r} is missing from the checkpoint")
+            _set_tensor(layer, name, self.checkpoint.get(key).to(device=self.device, dtype=torch.float32).clone())
+        for name, buf in list(layer.named_buffers()):
+            key = pre + name
+            if key in names:
+                _set_tensor(layer, name, self.checkpoint.get(key).to(device=self.device, dtype=torch.float32).clone(), buffer=True)
+            elif buf.is_meta:
+                raise CheckpointError(f"{self.model_dir}: decoder layer buffer {key!r} is not in the checkpoint")
+        layer.eval()
+        return layer
+
+    def unload_layer(self, idx: int) -> None:
+        self.layers[idx].to("meta")
+
+    def linear_names(self, idx: int) -> list[str]:
+        """Full names (``model.layers.3.self_attn.q_proj``) of the ``nn.Linear`` modules of layer ``idx``."""
+        import torch
+
+        pre = self.layer_prefix(idx)
+        return [f"{pre}.{n}" for n, m in self.layers[idx].named_modules() if isinstance(m, torch.nn.Linear)]
+
+    def modules(self, idx: int) -> dict[str, Any]:
+        pre = self.layer_prefix(idx)
+        return {f"{pre}.{n}": m for n, m in self.layers[idx].named_modules() if n}
+
+    def forward_layer(self, layer: Any, h: "torch.Tensor", kw: dict[str, Any]) -> "torch.Tensor":
+        out = layer(h, **kw)
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    def advance(self, idx: int, layer: Any) -> None:
+        """Replace the recorded inputs by layer ``idx``'s outputs (the next layer's inputs)."""
+        import torch
+
+        with torch.no_grad():
+            self.inps = [self.forward_layer(layer, h, kw) for h, kw in zip(self.inps, self.kwargs)]
+
+    def close(self) -> None:
+        own = getattr(self, "_own_checkpoint", None)
+        if own is not None:
+            own.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# true-sequential groups
+# ---------------------------------------------------------------------------------------------------------
+def discover_groups(lw: LayerwiseModel, idx: int, layer: Any, targets: list[str]) -> list[list[str]]:
+    """Targets of layer ``idx`` grouped by shared input tensor, groups in first-execution order.
+
+    Targets that did not run on the first calibration batch form singleton groups at the end.
+    """
+    import torch
+
+    mods = lw.modules(idx)
+    order: list[tuple[str, int]] = []
+    keep: list[Any] = []
+    hooks = []
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_m: Any, inp: tuple[Any, ...], _out: Any) -> None:
+            keep.append(inp[0])
+            order.append((name, id(inp[0])))
+
+        return hook
+
+    for name in targets:
+        hooks.append(mods[name].register_forward_hook(make_hook(name)))
+    try:
+        with torch.no_grad():
+            lw.forward_layer(layer, lw.inps[0], lw.kwargs[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    groups: dict[int, list[str]] = {}
+    for name, key in order:
+        g = groups.setdefault(key, [])
+        if name not in g:
+            g.append(name)
+    result = list(groups.values())
+    seen = {n for g in result for n in g}
+    result += [[n] for n in targets if n not in seen]
+    del keep
+    return result
+
+
+GroupFn = Callable[[list[str], "torch.Tensor", dict[str, Any]], dict[str, tuple[Any, "torch.Tensor"]]]
+
+
+def collect_hessians(lw: LayerwiseModel, idx: int, layer: Any, input_sets: list[list[str]]) -> dict[int, "torch.Tensor"]:
+    """Hessians ``2/n Σ x xᵀ`` of the inputs of each input set (keyed by position), from all batches.
+
+    The forward stops as soon as every module of every set has run. A set whose modules never run gets the
+    identity (no calibration information: plain rounding)."""
+    import torch
+
+    from adaptkit_quant.gptq import HessianAccumulator
+
+    mods = lw.modules(idx)
+    accs = {}
+    all_names = [n for s in input_sets for n in s]
+    ran: set[str] = set()
+    hooks = []
+
+    def make_hook(k: int | None, name: str) -> Callable[..., None]:
+        def hook(_m: Any, inp: tuple[Any, ...], _out: Any) -> None:
+            if k is not None:
+                accs[k].add(inp[0])
+            ran.add(name)
+            if len(ran) == len(all_names):
+                raise _Stop
+
+        return hook
+
+    for k, s in enumerate(input_sets):
+        accs[k] = HessianAccumulator(mods[s[0]].in_features, device=lw.device)
+        for j, name in enumerate(s):
+            hooks.append(mods[name].register_forward_hook(make_hook(k if j == 0 else None, name)))
+    try:
+        with torch.no_grad():
+            for h, kw in zip(lw.inps, lw.kwargs):
+                ran.clear()
+                try:
+                    lw.forward_layer(layer, h, kw)
+                except _Stop:
+                    pass
+    finally:
+        for hk in hooks:
+            hk.remove()
+    out = {}
+    for k, acc in accs.items():
+        if acc.n == 0:
+            out[k] = torch.eye(acc.columns, dtype=torch.float64, device=lw.device)
+        else:
+            out[k] = acc.hessian()
+    return out
+
+
+def run_sequential_groups(
+    lw: LayerwiseModel, idx: int, layer: Any, targets: list[str], fn: GroupFn, *, true_sequential: bool = True
+) -> list[tuple[str, Any]]:
+    """Quantize ``targets`` of layer ``idx`` group by group with ``fn(names, H, modules)`` (see module doc).
+
+    ``fn`` returns ``{name: (result, W_hat)}``; ``W_hat`` replaces the module's weight before the next
+    group's Hessian is collected. Returns ``[(name, result)]`` in quantization order.
+    """
+    import torch
+
+    if not targets:
+        return []
+    sets = discover_groups(lw, idx, layer, targets)
+    stages = [[s] for s in sets] if true_sequential else [sets]
+    mods = lw.modules(idx)
+    results: list[tuple[str, Any]] = []
+    for stage in stages:
+        hs = collect_hessians(lw, idx, layer, stage)
+        for k, s in enumerate(stage):
+            out = fn(s, hs[k], mods)
+            for name in s:
+                res, w_hat = out[name]
+                with torch.no_grad():
+                    mods[name].weight.data = w_hat.to(device=mods[name].weight.device, dtype=mods[name].weight.dtype)
+                results.append((name, res))
+        del hs
+    return results
