@@ -47,6 +47,20 @@ demo: setup
 
 bench: setup
 	$(PY) benchmarks/merge_vs_mergekit.py
+	$(PY) benchmarks/quant_quality.py
+
+# Interop tier: GPTQModel / AutoAWQ / optimum in their own venv (GPTQModel downgrades numpy; ~5 min install).
+INTEROP := .venv-interop
+$(INTEROP)/.setup:
+	test -x $(INTEROP)/bin/python || $(PYTHON) -m venv $(INTEROP)
+	$(INTEROP)/bin/python -m pip --disable-pip-version-check -q install $(TORCH) 'transformers>=5,<6' safetensors accelerate
+	GPTQMODEL_CPU_WORKERS=2 $(INTEROP)/bin/python -m pip --disable-pip-version-check -q install $(TORCH) gptqmodel==7.6.0
+	$(INTEROP)/bin/python -m pip --disable-pip-version-check -q install $(TORCH) autoawq==0.2.9 optimum==2.3.0
+	touch $@
+
+test-interop: setup $(INTEROP)/.setup
+	ADAPTKIT_INTEROP_PYTHON=$(INTEROP)/bin/python $(PY) -m pytest -q -p no:cacheprovider -m slow tests/quant/test_formats_interop.py
+	$(PY) benchmarks/quantize_vs_peers.py --peer-python $(INTEROP)/bin/python
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -118,3 +118,16 @@ def test_quantize_help_does_not_import_torch() -> None:
     code = "import sys; from adaptkit.cli import main; import adaptkit.cli.quantize, adaptkit_quant.plugin; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_builtin_wiki_source_is_not_taken_for_a_file(adaptkit_cli, model, tmp_path) -> None:
+    import importlib.util
+
+    out = tmp_path / "q"
+    r = adaptkit_cli("quantize", model, out, "--method", "gptq", "--group-size", "32", "--seqlen", "64",
+                     "--nsamples", "2", "--calib", "builtin-wiki")
+    if importlib.util.find_spec("gensim") is None:
+        assert r.exit_code == 3 and "needs gensim" in _err(r)
+        assert not out.exists()
+    else:
+        assert r.exit_code == 0, r.stderr

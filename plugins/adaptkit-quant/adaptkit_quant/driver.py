@@ -73,8 +73,8 @@ def validate_calib(calib: str | None, nsamples: int, seqlen: int) -> None:
         raise ConfigError(f"--nsamples {nsamples} must be >= 1")
     if seqlen < 8:
         raise ConfigError(f"--seqlen {seqlen} must be >= 8")
-    if calib in (None, "", "builtin"):
-        return
+    if calib in (None, "", "builtin", "builtin-wiki"):
+        return  # built-in sources are checked when they are read (calib.py)
     p = Path(calib)
     if not p.is_file():
         raise ConfigError(f"{calib}: calibration file not found (give a .jsonl file with a 'text' field per line, or 'builtin')")
