@@ -46,6 +46,14 @@ _TORCH_NAMES: dict[str, str] = {
 }
 
 
+def shape_numel(shape: tuple[int, ...]) -> int:
+    """Number of elements of ``shape`` (1 for a scalar)."""
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
 def known_codes() -> list[str]:
     """The dtype codes accepted in headers, in a stable order (for error messages)."""
     return list(ITEMSIZE)

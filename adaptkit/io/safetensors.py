@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from adaptkit.errors import CheckpointError
-from adaptkit.io.dtypes import ITEMSIZE, known_codes, torch_dtype
+from adaptkit.io.dtypes import ITEMSIZE, known_codes, shape_numel, torch_dtype
 
 #: Largest header accepted, as in the reference implementation (100 MB).
 MAX_HEADER_SIZE = 100_000_000
@@ -41,10 +41,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return shape_numel(self.shape)
 
 
 class _DuplicateKey(ValueError):

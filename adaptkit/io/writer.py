@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from adaptkit.errors import OutputError
-from adaptkit.io.dtypes import ITEMSIZE, dtype_code, known_codes
+from adaptkit.io.dtypes import ITEMSIZE, dtype_code, known_codes, shape_numel
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 2**30
 _PWRITE_CHUNK = 1 << 30  # Linux caps one write at ~2 GiB
@@ -32,10 +32,7 @@ class TensorSpec:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return shape_numel(self.shape)
 
     @property
     def nbytes(self) -> int:
