@@ -59,7 +59,7 @@ $(INTEROP)/.setup:
 	touch $@
 
 test-interop: setup $(INTEROP)/.setup
-	ADAPTKIT_INTEROP_PYTHON=$(INTEROP)/bin/python $(PY) -m pytest -q -p no:cacheprovider -m slow tests/quant/test_formats_interop.py
+	ADAPTKIT_INTEROP_PYTHON=$(INTEROP)/bin/python $(PY) -m pytest -q -p no:cacheprovider -m slow tests/quant/test_formats_interop.py tests/quant/test_interop_logits.py
 	$(PY) benchmarks/quantize_vs_peers.py --peer-python $(INTEROP)/bin/python
 
 clean:

@@ -63,4 +63,17 @@ step "7. quantize the merged model with GPTQ (4-bit, g64: SmolLM2 hidden size 57
 $AK quantize "$OUT/merged" "$OUT/merged-gptq" --method gptq --bits 4 --group-size 64 --calib builtin --nsamples 16 --seqlen 256
 $AK inspect "$OUT/merged-gptq"
 
+step "8. verify: dequantize the GPTQ checkpoint through the loader hook; the quantized model still answers"
+$AK quantize "$OUT/merged-gptq" "$OUT/merged-gptq-deq" --method dequantize
+$PY - "$OUT/merged-gptq-deq" <<'PYEOF'
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                              add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+print("Q: What is the capital of France?\nA:", tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))
+PYEOF
+
 step "done: outputs in $OUT/"
