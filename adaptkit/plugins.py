@@ -166,8 +166,8 @@ class PluginHost:
             return
         try:
             obj = ep.load()
-        except BaseException as exc:  # noqa: BLE001 - a plugin must never break the CLI
-            if isinstance(exc, (KeyboardInterrupt, SystemExit)) and not isinstance(exc, SystemExit):
+        except BaseException as exc:  # noqa: BLE001 - a plugin must never break the CLI (even sys.exit())
+            if isinstance(exc, KeyboardInterrupt):
                 raise
             self._fail(rec, f"import failed: {type(exc).__name__}: {exc}")
             return
