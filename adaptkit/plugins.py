@@ -131,24 +131,10 @@ class PluginHost:
         self._register(rec, obj)
 
     def _load_entrypoints(self) -> None:
-        from importlib import metadata
+        from adaptkit.entrypoints import entry_points
 
-        seen: set[str] = set()
-        for dist in metadata.distributions():
-            # cheap pre-filter: parsing every distribution's METADATA costs ~1 ms each at CLI start-up
-            text = dist.read_text("entry_points.txt") or ""
-            if f"[{ENTRY_POINT_GROUP}]" not in text:
-                continue
-            dist_name = dist.metadata["Name"] or "?"
-            key = dist_name.lower().replace("_", "-")
-            if key in seen:
-                continue  # the same distribution visible twice on sys.path: the first one wins, as in import
-            eps = [ep for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP]
-            if not eps:
-                continue
-            seen.add(key)
-            for ep in eps:
-                self._load_entrypoint(ep, dist_name, dist.version or "")
+        for ep in entry_points(ENTRY_POINT_GROUP):
+            self._load_entrypoint(ep, ep.distribution, ep.version)
 
     def _load_entrypoint(self, ep: Any, dist_name: str, version: str) -> None:
         rec = PluginRecord(name=ep.name, distribution=dist_name, version=version, module=ep.value, builtin=False)
