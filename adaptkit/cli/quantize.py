@@ -48,9 +48,12 @@ def _method_options(comp: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
               help="Input columns per scale/zero group; -1 = one group per output channel.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (zero point 2**(bits-1)) or asymmetric grid.")
 @click.option("--act-order", is_flag=True, help="GPTQ desc_act: quantize columns by decreasing Hessian diagonal.")
+@click.option("--partial-groups", is_flag=True,
+              help="GPTQ format: allow a shorter last group when in_features is not a multiple of --group-size "
+                   "(transformers + GPTQModel read it; vLLM does not).")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening (fraction of mean diag(H)).")
-@click.option("--calib", default="builtin", show_default=True, metavar="FILE.jsonl|builtin",
-              help="Calibration text for gptq/awq: JSON lines with a 'text' field, or the built-in set.")
+@click.option("--calib", default="builtin", show_default=True, metavar="FILE.jsonl|builtin[-news|-wiki|-pydoc]",
+              help="Calibration text for gptq/awq: JSON lines with a 'text' field, or built-in real English prose (news + Wikipedia from gensim's wheel; -news, -wiki, -pydoc for one source).")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
@@ -61,7 +64,7 @@ def _method_options(comp: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
 def quantize(model: str, out: str, method: str, bits: int, group_size: int, sym: bool, act_order: bool,
-             damp: float, calib: str, nsamples: int, seqlen: int, device: str, seed: int, options: tuple[str, ...],
+             partial_groups: bool, damp: float, calib: str, nsamples: int, seqlen: int, device: str, seed: int, options: tuple[str, ...],
              max_shard_size: str | None, force: bool, as_json: bool) -> None:
     """Quantize MODEL (a safetensors folder) into OUT, or dequantize a GPTQ/AWQ/NF4 MODEL.
 
@@ -95,7 +98,7 @@ def quantize(model: str, out: str, method: str, bits: int, group_size: int, sym:
 
     result = run_quantize(
         model, out, method=comp.name if comp is not None else method, bits=bits, group_size=group_size, sym=sym,
-        act_order=act_order, damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device, seed=seed,
+        act_order=act_order, partial_groups=partial_groups, damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device, seed=seed,
         force=force, options=opts, progress=progress, host=host, max_shard_size=size,
     )
     doc = result.to_json()

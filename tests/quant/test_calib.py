@@ -52,11 +52,40 @@ def test_short_text_allows_overlapping_windows(tmp_path):
     assert ids.shape == (8, 16)
 
 
-def test_builtin_is_real_text(tmp_path):
+def test_builtin_is_real_prose_without_markup(tmp_path):
+    """builtin = the Lee news corpus + cleaned Wikipedia prose from gensim's wheel (disjoint from FLORES+)."""
     label, texts = calib.load_texts("builtin")
-    assert "pydoc_data" in label and sum(map(len, texts)) > 100_000
+    _, news = calib.load_texts("builtin-news")
+    _, wiki = calib.load_texts("builtin-wiki")
+    assert texts == news + wiki and "news" in label.lower() and "wikipedia" in label.lower()
+    assert len(news) == 300 and news[0].startswith("Hundreds of people have been forced to vacate their homes")
+    assert len(wiki) > 50 and sum(map(len, wiki)) > 1_000_000
+    albedo = next(t for t in wiki if t.startswith("Albedo"))
+    assert "reflectivity or reflecting power of a surface" in albedo
+    joined = "\n".join(wiki)
+    for markup in ("{{", "}}", "[[", "]]", "<ref", "</ref", "{|", "|}", "&quot;", "''", "thumb|"):
+        assert markup not in joined, markup
+    # every kept line is a prose paragraph: long, starting like a sentence
+    lines = joined.splitlines()
+    assert all(len(ln) >= 60 and ln[0] not in "|!*#:;=[{" for ln in lines)
     ids = calib.calibration_ids(Req("builtin", nsamples=3, seqlen=64), CharTok())
     assert ids.shape == (3, 64)
+
+
+def test_clean_wikitext_keeps_link_labels_and_drops_templates():
+    body = ("{{Infobox|name=x}}'''Albedo''' is the [[reflection (physics)|reflectivity]] of a [[surface]], "
+            "measured on a scale from 0 to 1.&lt;ref&gt;A source&lt;/ref&gt; It depends on the frequency.\n"
+            "{| class=wikitable\n|-\n| cell text that is long enough to pass the length filter of sixty chars\n|}\n"
+            "* a list item that is also long enough to pass the sixty character length filter\n"
+            "[[File:Albedo.png|thumb|a caption]]")
+    assert calib.clean_wikitext(body) == (
+        "Albedo is the reflectivity of a surface, measured on a scale from 0 to 1. It depends on the frequency."
+    )
+
+
+def test_pydoc_source_needs_nothing_but_python():
+    label, texts = calib.load_texts("builtin-pydoc")
+    assert "pydoc_data" in label and sum(map(len, texts)) > 100_000
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-pytest.importorskip("torch")
+torch = pytest.importorskip("torch")
 
 
 @pytest.fixture
@@ -120,14 +120,34 @@ def test_quantize_help_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
-def test_builtin_wiki_source_is_not_taken_for_a_file(adaptkit_cli, model, tmp_path) -> None:
-    import importlib.util
-
+@pytest.mark.parametrize("source", ["builtin-news", "builtin-wiki", "builtin-pydoc"])
+def test_builtin_sources_are_not_taken_for_a_file(adaptkit_cli, model, tmp_path, source) -> None:
     out = tmp_path / "q"
     r = adaptkit_cli("quantize", model, out, "--method", "gptq", "--group-size", "32", "--seqlen", "64",
-                     "--nsamples", "2", "--calib", "builtin-wiki")
-    if importlib.util.find_spec("gensim") is None:
-        assert r.exit_code == 3 and "needs gensim" in _err(r)
-        assert not out.exists()
-    else:
-        assert r.exit_code == 0, r.stderr
+                     "--nsamples", "2", "--calib", source)
+    assert r.exit_code == 0, r.stderr
+    assert f"({source})" in r.stderr  # the progress line names the source
+
+
+def test_partial_groups_opt_in(adaptkit_cli, model, tmp_path) -> None:
+    """hidden 64 at --group-size 128: refused by default (vLLM could not load it); --partial-groups writes one
+    64-column group per row for q/k/v/o/gate/up, and the file reads back as RTN of those groups."""
+    from adaptkit.io import open_checkpoint
+    from adaptkit_quant.api import QuantSpec
+    from adaptkit_quant.loader import open_quantized
+    from adaptkit_quant.rtn import quantize_weight
+
+    out = tmp_path / "q"
+    r = adaptkit_cli("quantize", model, out, "--method", "rtn", "--group-size", "128")
+    assert r.exit_code == 3 and "--partial-groups" in _err(r) and not out.exists()
+    r = adaptkit_cli("quantize", model, out, "--method", "rtn", "--group-size", "128", "--partial-groups")
+    assert r.exit_code == 0, r.stderr
+    assert "end with a group of 64 columns" in r.stderr
+    name = "model.layers.0.self_attn.q_proj.weight"
+    with open_checkpoint(model) as src, open_quantized(out) as q:
+        w = src.get(name).float()
+        assert q.raw.info("model.layers.0.self_attn.q_proj.scales").shape == (1, w.shape[0])
+        ref = quantize_weight(w, QuantSpec(bits=4, group_size=64)).dequantize()  # one group of 64 = the same
+        assert torch.equal(q.get(name).float(), ref)
+    r = adaptkit_cli("quantize", model, tmp_path / "a", "--method", "awq", "--group-size", "128", "--partial-groups")
+    assert r.exit_code == 3 and "only the GPTQ format" in _err(r)

@@ -128,6 +128,21 @@ def test_gptq_matches_float64_reference(bits, gs, sym, act_order):
     assert stats.retries == 0
 
 
+@pytest.mark.parametrize("act_order", [False, True])
+def test_gptq_partial_last_group_matches_float64_reference(act_order):
+    """112 input columns in groups of 32: the fourth group has 16 columns (--partial-groups)."""
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(20, 112, generator=g)
+    X = correlated_inputs(112, 512, seed=5)
+    spec = QuantSpec(bits=4, group_size=32, sym=False, act_order=act_order, damp=0.01, partial_groups=True)
+    ql, _ = gptq.gptq_quantize(W, hessian(X), spec, block_size=64, compute_dtype=torch.float64)
+    assert ql.scales.shape == (4, 20)
+    assert torch.bincount(ql.g_idx.long(), minlength=4).tolist() == [32, 32, 32, 16]
+    codes_ref, W_ref = ref_gptq(W, X, bits=4, gs=32, sym=False, act_order=act_order, damp=0.01)
+    assert float((ql.codes.double() != codes_ref).double().mean()) < 0.002
+    assert out_err(W, ql.dequantize(), X) == pytest.approx(out_err(W, W_ref, X), rel=1e-3)
+
+
 def test_gptq_float32_close_to_reference():
     g = torch.Generator().manual_seed(7)
     W = torch.randn(64, 256, generator=g)

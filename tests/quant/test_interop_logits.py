@@ -41,10 +41,14 @@ ROOT = Path(__file__).resolve().parents[2]
 INTEROP = Path(os.environ.get("ADAPTKIT_INTEROP_PYTHON", ROOT / ".venv-interop" / "bin" / "python"))
 
 TINY = dict(hidden_size=256, intermediate_size=512, num_layers=2, dtype="float32")
-#: format -> (adaptkit quantize arguments, transformers backend that keeps >= fp16 precision)
+#: hidden 192 = 1.5 x 128: q/k/v/o/gate/up end with a 64-column group at --group-size 128 (SmolLM2's case)
+TINY_PARTIAL = dict(hidden_size=192, intermediate_size=384, num_layers=2, num_heads=6, num_kv_heads=2, dtype="float32")
+#: case -> (adaptkit quantize arguments, transformers backend that keeps >= fp16 precision, tiny model)
 CASES = {
-    "gptq": (["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym"], "gptq_torch"),
-    "awq": (["--method", "awq", "--bits", "4", "--group-size", "64", "--asym"], "torch_awq"),
+    "gptq": (["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym"], "gptq_torch", TINY),
+    "gptq-partial": (["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym", "--act-order",
+                      "--partial-groups"], "gptq_torch", TINY_PARTIAL),
+    "awq": (["--method", "awq", "--bits", "4", "--group-size", "64", "--asym"], "torch_awq", TINY),
 }
 PRECISE_BOUND = 1e-3  # issue #4: logits within 1e-3 relative of our dequantized reference
 AUTO_BOUND = 2e-2     # GPTQModel's auto CPU kernels run in bfloat16 (unit roundoff 2**-8 per op)
@@ -96,12 +100,13 @@ def _logits(folder: Path, ids: "torch.Tensor") -> "torch.Tensor":
 
 @pytest.mark.slow
 @pytest.mark.skipif(not _interop_ok(), reason="needs the interop venv with gptqmodel (make test-interop)")
-@pytest.mark.parametrize("fmt", sorted(CASES))
-def test_interop_logits_match_dequantized_reference(tiny_llama, adaptkit_cli, tmp_path, fmt) -> None:
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_interop_logits_match_dequantized_reference(tiny_llama, adaptkit_cli, tmp_path, case) -> None:
     from safetensors.torch import load_file, save_file
 
-    args, precise = CASES[fmt]
-    src = tiny_llama(**TINY)
+    args, precise, tiny = CASES[case]
+    fmt = case.split("-")[0]
+    src = tiny_llama(**tiny)
     q, deq = tmp_path / "q", tmp_path / "deq"
     r = adaptkit_cli("quantize", src, q, *args, "--calib", "builtin", "--nsamples", "4", "--seqlen", "64")
     assert r.exit_code == 0, r.output
@@ -127,7 +132,7 @@ def test_interop_logits_match_dequantized_reference(tiny_llama, adaptkit_cli, tm
     unquantized = _logits(src, ids)
     rel_precise, rel_auto = _rel(got[precise], ref), _rel(got["auto"], ref)
     quant_err = _rel(unquantized, ref)
-    print(f"{fmt}: kernels={kernels} rel[{precise}]={rel_precise:.3e} rel[auto]={rel_auto:.3e} "
+    print(f"{case}: kernels={kernels} rel[{precise}]={rel_precise:.3e} rel[auto]={rel_auto:.3e} "
           f"quantization error={quant_err:.3e}")
     # GPTQModel really built quantized kernels for all 14 linears (nothing silently loaded in float)
     assert all(k["n"] == 14 for k in kernels.values()), kernels

@@ -30,23 +30,16 @@ def qq():
 
 
 def test_gptq_and_awq_beat_rtn_on_smollm2(smollm2, qq, tmp_path):
-    """GPTQ (act-order) calibrated on held-out FLORES+ sentences and AWQ calibrated on the builtin text
-    both lose less than RTN. (GPTQ with only 4k tokens of *off-domain* text does not: see
-    specs/quantization.md, where GPTQModel behaves the same.)"""
-    import json
-
+    """With the builtin real-prose calibration (news + Wikipedia, disjoint from FLORES+), GPTQ with
+    act-order loses less than RTN on the same symmetric grid, and AWQ (zero point) less than RTN on the same
+    asymmetric grid; both agree more often with the unquantized model's top-1 token. (Plain GPTQ without
+    act-order ties RTN on bits-per-byte here: see specs/quantization.md.)"""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from adaptkit.io import open_checkpoint
 
-    held_out = tmp_path / "flores_calib.jsonl"
-    held_out.write_text("".join(json.dumps({"text": t}) + "\n" for t in qq.flores_english(1012)[200:]))
-
     class Args:
         calib, nsamples, seqlen, seed, verbose, awq_grid = "builtin", 16, 256, 0, False, 10
-
-    class GptqArgs(Args):
-        calib = str(held_out)
 
     sentences = qq.flores_english(100)
     tok = AutoTokenizer.from_pretrained(str(smollm2), local_files_only=True)
@@ -55,12 +48,13 @@ def test_gptq_and_awq_beat_rtn_on_smollm2(smollm2, qq, tmp_path):
     fp_bpb, fp_pred, _ = qq.evaluate(model, tok, sentences)
     results = {}
     with open_checkpoint(smollm2) as ckpt:
-        for name, args in (("rtn", Args), ("gptq-act", GptqArgs), ("awq", Args)):
+        for name in ("rtn", "gptq-act", "rtn-asym", "awq"):
             algo, spec_kw = qq.METHODS[name]
-            items = qq.quantized_items(algo, smollm2, ckpt, spec_kw, args)
+            items = qq.quantized_items(algo, smollm2, ckpt, spec_kw, Args)
             qq.apply_items(model, items, fp_state)
             results[name] = qq.evaluate(model, tok, sentences, fp_pred)
-    rtn_bpb, gptq_bpb, awq_bpb = (results[m][0] for m in ("rtn", "gptq-act", "awq"))
-    assert fp_bpb < gptq_bpb < rtn_bpb, (fp_bpb, gptq_bpb, rtn_bpb)
-    assert fp_bpb < awq_bpb < rtn_bpb, (fp_bpb, awq_bpb, rtn_bpb)
-    assert results["gptq-act"][2] > results["rtn"][2] and results["awq"][2] > results["rtn"][2]
+    bpb = {m: r[0] for m, r in results.items()}
+    top1 = {m: r[2] for m, r in results.items()}
+    assert fp_bpb < bpb["gptq-act"] < bpb["rtn"], (fp_bpb, bpb)
+    assert fp_bpb < bpb["awq"] < bpb["rtn-asym"], (fp_bpb, bpb)
+    assert top1["gptq-act"] > top1["rtn"] and top1["awq"] > top1["rtn-asym"], top1

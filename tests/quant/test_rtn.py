@@ -65,3 +65,18 @@ def test_rtn_per_channel() -> None:
     assert q.scales.shape == (1, 16) and int(q.g_idx.max()) == 0
     s, z, c = _ref_group(w, 4, False)
     assert torch.equal(q.scales[0].double(), s) and torch.equal(q.codes.double(), c)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_rtn_partial_last_group_matches_reference(sym: bool) -> None:
+    """in_features 80 with groups of 32: groups [0,32), [32,64) and a shorter [64,80) (--partial-groups)."""
+    w = torch.randn(16, 80, generator=torch.Generator().manual_seed(5)) * 0.02
+    w[2, 64:] = w[2, 64:].abs() + 0.01  # the short group of row 2 has no negative value
+    q = quantize_weight(w, QuantSpec(bits=4, group_size=32, sym=sym, partial_groups=True))
+    assert q.codes.shape == (16, 80) and q.scales.shape == (3, 16)
+    assert torch.equal(q.g_idx, torch.arange(80, dtype=torch.int32) // 32)
+    for gi, (a, b) in enumerate([(0, 32), (32, 64), (64, 80)]):
+        s, z, c = _ref_group(w[:, a:b], 4, sym)
+        assert torch.equal(q.scales[gi].double(), s), gi
+        assert torch.equal(q.zeros[gi].double(), z), gi
+        assert int((q.codes[:, a:b].double() != c).sum()) <= 1, gi

@@ -81,6 +81,9 @@ class QuantSpec:
     damp: float = 0.01  #: GPTQ dampening, fraction of the mean Hessian diagonal
     true_sequential: bool = True
     static_groups: bool = False
+    #: allow a shorter last group when in_features is not a multiple of group_size (GPTQ format only:
+    #: ceil(in/group) groups, g_idx = i // group; GPTQModel's torch/triton kernels read it, vLLM's refuse)
+    partial_groups: bool = False
 
     @property
     def maxq(self) -> int:

@@ -2,14 +2,18 @@
 
 Sources (``QuantizeRequest.calib``):
 
-* ``"builtin"`` -- real English text that every CPython installation ships: the help topics of
-  ``pydoc_data.topics`` (~460 kB: the language reference, prose and code). Always available, no network.
-* ``"builtin-wiki"`` -- the shortened English Wikipedia dump in gensim's test data (needs ``gensim``
-  installed; an error says so otherwise).
+* ``"builtin"`` (default) -- real English prose, ~2.9 MB, from the test data inside gensim's wheel (a
+  dependency of adaptkit-quant; read as files, gensim is never imported): the 300 news articles of the Lee
+  corpus (``lee_background.cor``) followed by the 96 longest articles of the shortened English Wikipedia
+  dump (wikitext reduced to its prose paragraphs: templates, tables, references, file links and list
+  lines removed). Disjoint from FLORES+, which the quality benchmark evaluates on.
+* ``"builtin-news"`` / ``"builtin-wiki"`` -- either half alone.
+* ``"builtin-pydoc"`` -- the help topics of CPython's ``pydoc_data.topics`` (~460 kB of language-reference
+  prose and code; needs nothing but Python).
 * a path to a ``.jsonl`` file with one ``{"text": "..."}`` object per line (other keys are ignored).
 
 The texts are tokenized one by one (no special tokens), joined with the tokenizer's EOS id (when it has
-one) in file order, and ``nsamples`` windows are drawn from the concatenation with a ``torch.Generator``
+one) in source order, and ``nsamples`` windows are drawn from the concatenation with a ``torch.Generator``
 seeded by ``seed``: when the text holds at least ``nsamples`` disjoint windows, distinct aligned windows are
 chosen (after a seeded offset), so no token is used twice; otherwise windows start at seeded random
 positions and may overlap. Fewer tokens than one window is an error.
@@ -26,39 +30,88 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 BUILTIN = "builtin"
+BUILTIN_NEWS = "builtin-news"
 BUILTIN_WIKI = "builtin-wiki"
+BUILTIN_PYDOC = "builtin-pydoc"
+BUILTIN_SOURCES = (BUILTIN, BUILTIN_NEWS, BUILTIN_WIKI, BUILTIN_PYDOC)
+
+LEE_FILE = "lee_background.cor"
+WIKI_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 
 
-def builtin_texts() -> list[str]:
+def pydoc_texts() -> list[str]:
     """The help-topic texts of ``pydoc_data.topics`` in sorted key order."""
     try:
         from pydoc_data.topics import topics
     except ImportError:  # pragma: no cover - stripped Python builds
         raise ConfigError(
-            "--calib builtin: this Python has no pydoc_data.topics (a stripped build); pass --calib FILE.jsonl"
+            "--calib builtin-pydoc: this Python has no pydoc_data.topics (a stripped build); pass --calib FILE.jsonl"
         ) from None
     return [topics[key] for key in sorted(topics)]
 
 
-def wiki_texts() -> list[str]:
-    """Article texts of the shortened English Wikipedia dump that gensim ships in its test data."""
+def gensim_test_data(name: str, source: str) -> Path:
+    """Path of a file in gensim's ``test/test_data`` folder, found without importing gensim."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("gensim")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError(
+            f"--calib {source} reads real text shipped in gensim's wheel, and gensim is not installed "
+            "(pip install gensim, a dependency of adaptkit-quant), or pass --calib FILE.jsonl"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / name
+    if not path.is_file():
+        raise ConfigError(f"--calib {source}: gensim's test data file {path} is missing (a stripped gensim install?)")
+    return path
+
+
+def news_texts(source: str = BUILTIN_NEWS) -> list[str]:
+    """The 300 news articles of the Lee corpus (one per line) in gensim's test data."""
+    text = gensim_test_data(LEE_FILE, source).read_text(encoding="utf-8", errors="replace")
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def clean_wikitext(body: str) -> str:
+    """The prose paragraphs of one article's wikitext (markup removed, non-prose lines dropped)."""
+    import html
+    import re
+
+    t = html.unescape(body)
+    t = re.sub(r"<!--.*?-->", "", t, flags=re.S)
+    t = re.sub(r"<ref[^>]*/>", "", t)
+    t = re.sub(r"<ref[^>]*>.*?</ref>", "", t, flags=re.S)
+    t = re.sub(r"<[^>]+>", "", t)
+    prev = None
+    while prev != t:  # innermost first: templates and tables nest
+        prev = t
+        t = re.sub(r"\{\{[^{}]*\}\}", "", t)
+        t = re.sub(r"\{\|[^{}]*?\|\}", "", t, flags=re.S)
+        t = re.sub(r"\[\[(?:File|Image|Category|[a-z\-]{2,12}):[^\[\]]*\]\]", "", t)
+    t = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]|]*)\]\]", r"\1", t)  # [[target|label]] -> label
+    t = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", t)
+    t = re.sub(r"'{2,}", "", t)
+    keep = []
+    for line in t.splitlines():
+        s = line.strip()
+        leftover = any(m in s for m in ("{{", "}}", "[[", "]]", "{|", "|}"))  # unbalanced or odd markup
+        if len(s) >= 60 and s[0] not in "|!{}*#:;=[" and re.match(r"[A-Z0-9\"(]", s) and not leftover:
+            keep.append(s)
+    return "\n".join(keep)
+
+
+def wiki_texts(source: str = BUILTIN_WIKI) -> list[str]:
+    """Prose of the articles (over 500 characters after cleaning) of gensim's shortened enwiki dump."""
     import bz2
     import re
 
-    try:
-        import gensim  # noqa: F401
-        from gensim.test.utils import datapath
-    except ImportError:
-        raise ConfigError("--calib builtin-wiki needs gensim installed (pip install gensim); use --calib builtin") from None
-    path = Path(datapath("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"))
-    if not path.is_file():
-        raise ConfigError(f"--calib builtin-wiki: gensim's test data file {path} is missing")
+    path = gensim_test_data(WIKI_FILE, source)
     xml = bz2.decompress(path.read_bytes()).decode("utf-8", errors="replace")
     texts = []
     for body in re.findall(r"<text[^>]*>(.*?)</text>", xml, flags=re.S):
-        body = re.sub(r"\{\{.*?\}\}|\[\[(?:[^\]|]*\|)?([^\]]*)\]\]|<[^>]+>|&[a-z]+;|'{2,}", r"\1", body, flags=re.S)
-        if len(body.strip()) > 200:
-            texts.append(body.strip())
+        prose = clean_wikitext(body)
+        if len(prose) > 500:
+            texts.append(prose)
     return texts
 
 
@@ -94,11 +147,16 @@ def read_jsonl(path: str | Path) -> list[str]:
 
 def load_texts(calib: str | Path | None) -> tuple[str, list[str]]:
     """(label, texts) for a ``--calib`` value."""
-    if calib is None or str(calib) == BUILTIN:
-        return "builtin (pydoc_data.topics)", builtin_texts()
-    if str(calib) == BUILTIN_WIKI:
-        return "builtin-wiki (gensim enwiki test data)", wiki_texts()
-    return str(calib), read_jsonl(calib)
+    src = BUILTIN if calib is None else str(calib)
+    if src == BUILTIN:
+        return "builtin (gensim test data: Lee news corpus + English Wikipedia)", news_texts(BUILTIN) + wiki_texts(BUILTIN)
+    if src == BUILTIN_NEWS:
+        return "builtin-news (gensim test data: Lee news corpus)", news_texts()
+    if src == BUILTIN_WIKI:
+        return "builtin-wiki (gensim test data: English Wikipedia)", wiki_texts()
+    if src == BUILTIN_PYDOC:
+        return "builtin-pydoc (pydoc_data.topics)", pydoc_texts()
+    return src, read_jsonl(src)
 
 
 def tokenize_texts(texts: list[str], tokenizer: Any) -> "torch.Tensor":

@@ -63,6 +63,8 @@ def validate_spec(method: str, fmt: str, spec: QuantSpec) -> None:
         raise ConfigError(f"--group-size {gs} is out of range: use -1 (per channel) or a power of two >= 16")
     if fmt == "awq" and gs == -1:
         raise ConfigError("--group-size -1: the AWQ GEMM format needs a group size (e.g. 128)")
+    if spec.partial_groups and fmt != "gptq":
+        raise ConfigError(f"--partial-groups: only the GPTQ format can store a shorter last group, not {fmt}")
     if not (0.0 < spec.damp < 1.0):
         raise ConfigError(f"--damp {spec.damp} is out of range: use a fraction in (0, 1), e.g. 0.01")
 
@@ -73,11 +75,11 @@ def validate_calib(calib: str | None, nsamples: int, seqlen: int) -> None:
         raise ConfigError(f"--nsamples {nsamples} must be >= 1")
     if seqlen < 8:
         raise ConfigError(f"--seqlen {seqlen} must be >= 8")
-    if calib in (None, "", "builtin", "builtin-wiki"):
+    if calib in (None, "", "builtin", "builtin-news", "builtin-wiki", "builtin-pydoc"):
         return  # built-in sources are checked when they are read (calib.py)
     p = Path(calib)
     if not p.is_file():
-        raise ConfigError(f"{calib}: calibration file not found (give a .jsonl file with a 'text' field per line, or 'builtin')")
+        raise ConfigError(f"{calib}: calibration file not found (give a .jsonl file with a 'text' field per line, or builtin, builtin-news, builtin-wiki, builtin-pydoc)")
     texts = 0
     chars = 0
     with p.open("r", encoding="utf-8", errors="replace") as fh:
@@ -146,6 +148,7 @@ def run_quantize(
     sym: bool = True,
     act_order: bool = False,
     damp: float = 0.01,
+    partial_groups: bool = False,
     calib: str | None = "builtin",
     nsamples: int = 128,
     seqlen: int = 512,
@@ -165,7 +168,8 @@ def run_quantize(
     model = Path(model)
     out = Path(out)
     report = progress or (lambda _m: None)
-    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp)
+    spec = QuantSpec(bits=bits, group_size=group_size, sym=sym, act_order=act_order, damp=damp,
+                     partial_groups=partial_groups)
     loader: Callable[[], Any] | None
     if impl is not None:
         name, fmt = method, DEFAULT_FORMATS.get(method, "gptq")
@@ -212,6 +216,12 @@ def run_quantize(
             why = fmt_mod.shape_problem(o, i, spec) if fmt != "bnb-nf4" else None
             if why:
                 raise ConfigError(f"{t}.weight [{o}, {i}]: {why} (choose another --group-size)")
+        if spec.partial_groups and spec.group_size != -1:
+            short = [t for t in targets if ckpt.info(t + ".weight").shape[1] % spec.group_size]
+            if short:
+                i = ckpt.info(short[0] + ".weight").shape[1]
+                report(f"--partial-groups: {len(short)} of {len(targets)} linears end with a group of "
+                       f"{i % spec.group_size} columns (e.g. {short[0]}, in_features {i}); vLLM will not load this")
         request = QuantizeRequest(
             model_dir=model, out_dir=out, method=name, spec=spec, calib=calib, nsamples=nsamples,
             seqlen=seqlen, device=device, seed=seed, options=dict(options or {}), targets=tuple(targets),

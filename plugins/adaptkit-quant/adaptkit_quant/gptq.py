@@ -198,8 +198,6 @@ def gptq_quantize(
     gs = spec.group_size
     if gs != -1 and (gs <= 0):
         raise ConfigError(f"group size must be -1 or positive, got {gs}")
-    if gs != -1 and cols % gs != 0:
-        raise ConfigError(f"{name}: {cols} input features are not divisible by --group-size {gs}")
     maxq = spec.maxq
     dev = W.device
     W = W.detach().to(compute_dtype).clone()
@@ -229,7 +227,7 @@ def gptq_quantize(
     Hinv = U.to(compute_dtype)
     del H, U
 
-    n_groups = 1 if gs == -1 else cols // gs
+    n_groups = 1 if gs == -1 else -(-cols // gs)  # a shorter last group when gs does not divide cols
     scales = torch.zeros(n_groups, rows, dtype=compute_dtype, device=dev)
     zeros = torch.zeros(n_groups, rows, dtype=compute_dtype, device=dev)
     codes = torch.zeros(rows, cols, dtype=compute_dtype, device=dev)

@@ -10,8 +10,8 @@ it back on ``meta``. Peak memory: one layer in fp32 plus the calibration activat
 
 ``run_sequential_groups`` finds, with one discovery forward, which target linears share an input tensor
 (q/k/v; gate/up) and in which order groups run (q/k/v, o, gate/up, down for Llama-like layers; any layer
-structure works), then collects each group's Hessian with the earlier groups already quantized
-("true sequential" GPTQ), stopping the forward as soon as the group has run.
+structure works; found once per layer class), then collects each group's Hessian with the earlier groups
+already quantized ("true sequential" GPTQ), stopping the forward just before the group's modules run.
 """
 from __future__ import annotations
 
@@ -253,9 +253,18 @@ class LayerwiseModel:
 def discover_groups(lw: LayerwiseModel, idx: int, layer: Any, targets: list[str]) -> list[list[str]]:
     """Targets of layer ``idx`` grouped by shared input tensor, groups in first-execution order.
 
-    Targets that did not run on the first calibration batch form singleton groups at the end.
+    Targets that did not run on the first calibration batch form singleton groups at the end. The answer
+    depends only on the layer's code and which of its linears are targets, so it is computed with one
+    forward for the first layer of each (class, relative target names) and reused for the others.
     """
     import torch
+
+    pre = lw.layer_prefix(idx) + "."
+    rel = tuple(t[len(pre):] if t.startswith(pre) else t for t in targets)
+    key = (type(layer).__module__, type(layer).__qualname__, rel)
+    cache = lw.__dict__.setdefault("_group_cache", {})
+    if key in cache:
+        return [[pre + n for n in g] for g in cache[key]]
 
     mods = lw.modules(idx)
     order: list[tuple[str, int]] = []
@@ -278,14 +287,15 @@ def discover_groups(lw: LayerwiseModel, idx: int, layer: Any, targets: list[str]
         for h in hooks:
             h.remove()
     groups: dict[int, list[str]] = {}
-    for name, key in order:
-        g = groups.setdefault(key, [])
+    for name, key_ in order:
+        g = groups.setdefault(key_, [])
         if name not in g:
             g.append(name)
     result = list(groups.values())
     seen = {n for g in result for n in g}
     result += [[n] for n in targets if n not in seen]
     del keep
+    cache[key] = [[n[len(pre):] if n.startswith(pre) else n for n in g] for g in result]
     return result
 
 
@@ -295,36 +305,39 @@ GroupFn = Callable[[list[str], "torch.Tensor", dict[str, Any]], dict[str, tuple[
 def collect_hessians(lw: LayerwiseModel, idx: int, layer: Any, input_sets: list[list[str]]) -> dict[int, "torch.Tensor"]:
     """Hessians ``2/n Σ x xᵀ`` of the inputs of each input set (keyed by position), from all batches.
 
-    The forward stops as soon as every module of every set has run. A set whose modules never run gets the
-    identity (no calibration information: plain rounding)."""
+    Forward *pre*-hooks take each set's input when the first of its modules is about to run (its members
+    share that tensor), and the forward stops as soon as every set has its input -- before those modules
+    compute anything. A set whose modules never run gets the identity (no calibration information: plain
+    rounding)."""
     import torch
 
     from adaptkit_quant.gptq import HessianAccumulator
 
     mods = lw.modules(idx)
     accs = {}
-    all_names = [n for s in input_sets for n in s]
-    ran: set[str] = set()
+    seen: set[int] = set()
     hooks = []
 
-    def make_hook(k: int | None, name: str) -> Callable[..., None]:
-        def hook(_m: Any, inp: tuple[Any, ...], _out: Any) -> None:
-            if k is not None:
-                accs[k].add(inp[0])
-            ran.add(name)
-            if len(ran) == len(all_names):
+    def make_hook(k: int) -> Callable[..., None]:
+        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            if k in seen:
+                return
+            x = args[0] if args else kwargs.get("input")
+            accs[k].add(x)
+            seen.add(k)
+            if len(seen) == len(input_sets):
                 raise _Stop
 
         return hook
 
     for k, s in enumerate(input_sets):
         accs[k] = HessianAccumulator(mods[s[0]].in_features, device=lw.device)
-        for j, name in enumerate(s):
-            hooks.append(mods[name].register_forward_hook(make_hook(k if j == 0 else None, name)))
+        for name in s:
+            hooks.append(mods[name].register_forward_pre_hook(make_hook(k), with_kwargs=True))
     try:
         with torch.no_grad():
             for h, kw in zip(lw.inps, lw.kwargs):
-                ran.clear()
+                seen.clear()
                 try:
                     lw.forward_layer(layer, h, kw)
                 except _Stop:

@@ -75,11 +75,13 @@ def quantize_weight(w: "torch.Tensor", spec: QuantSpec) -> QuantizedLinear:
     out_f, in_f = w.shape
     gs = spec.effective_group_size(in_f)
     n_groups = spec.n_groups(in_f)
-    if n_groups * gs != in_f:
-        raise ValueError(f"in_features {in_f} is not a multiple of group size {gs}")
+    pad = n_groups * gs - in_f
+    if pad:
+        # a shorter last group: pad it with zeros, which never change the grid (its range includes 0)
+        w = torch.nn.functional.pad(w, (0, pad))
     rows = w.reshape(out_f, n_groups, gs).reshape(out_f * n_groups, gs)  # row (o, g)
     s, z = find_params(rows, spec.bits, spec.sym)
-    codes = quantize_codes(rows, s, z, spec.bits).reshape(out_f, in_f)
+    codes = quantize_codes(rows, s, z, spec.bits).reshape(out_f, n_groups * gs)[:, :in_f].contiguous()
     scales = s.reshape(out_f, n_groups).T.contiguous()
     zeros = z.reshape(out_f, n_groups).T.contiguous()
     g_idx = (torch.arange(in_f, dtype=torch.int32, device=w.device) // gs).to(torch.int32)

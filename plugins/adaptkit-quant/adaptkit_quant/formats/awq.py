@@ -28,7 +28,10 @@ def shape_problem(out_features: int, in_features: int, spec: QuantSpec) -> str |
     if spec.group_size == -1:
         return "the AWQ GEMM format needs a group size (per-channel -1 is not supported)"
     if in_features % spec.group_size:
-        return f"in_features {in_features} is not a multiple of group size {spec.group_size}"
+        return (
+            f"in_features {in_features} is not a multiple of group size {spec.group_size} (the AWQ GEMM "
+            "format has no partial groups)"
+        )
     if out_features % 8:
         return f"out_features {out_features} is not a multiple of 8 (AWQ packs 8 output columns per int32)"
     return None

@@ -28,8 +28,11 @@ def shape_problem(out_features: int, in_features: int, spec: QuantSpec) -> str |
     """Why ``[out, in]`` cannot be stored in GPTQ v1 with ``spec`` (None if it can)."""
     if spec.bits not in SUPPORTED_BITS:
         return f"GPTQ packs {', '.join(map(str, SUPPORTED_BITS))} bits, not {spec.bits}"
-    if spec.group_size != -1 and in_features % spec.group_size:
-        return f"in_features {in_features} is not a multiple of group size {spec.group_size}"
+    if spec.group_size != -1 and in_features % spec.group_size and not spec.partial_groups:
+        return (
+            f"in_features {in_features} is not a multiple of group size {spec.group_size} (vLLM's GPTQ kernels "
+            "need that; --partial-groups writes a shorter last group, which transformers + GPTQModel read)"
+        )
     # readers (AutoGPTQ, GPTQModel, vLLM) size qweight as in // 32 * bits and qzeros as out // 32 * bits
     if in_features % 32:
         return f"in_features {in_features} is not a multiple of 32 (GPTQ readers size qweight as in/32*bits words)"
