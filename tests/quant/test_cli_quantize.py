@@ -151,3 +151,19 @@ def test_partial_groups_opt_in(adaptkit_cli, model, tmp_path) -> None:
         assert torch.equal(q.get(name).float(), ref)
     r = adaptkit_cli("quantize", model, tmp_path / "a", "--method", "awq", "--group-size", "128", "--partial-groups")
     assert r.exit_code == 3 and "only the GPTQ format" in _err(r)
+
+
+def test_gptq_group_order_option(adaptkit_cli, model, tmp_path) -> None:
+    """-o group_order=gar: salient groups first, groups kept contiguous (g_idx = i // group, desc_act false)."""
+    from adaptkit_quant.loader import open_quantized
+
+    out = tmp_path / "q"
+    r = adaptkit_cli("quantize", model, out, "--method", "gptq", "--group-size", "32", "--seqlen", "64",
+                     "--nsamples", "2", "-o", "group_order=gar")
+    assert r.exit_code == 0, r.stderr
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is False
+    with open_quantized(out) as q:
+        g = q.raw.get("model.layers.0.mlp.down_proj.g_idx")
+        assert torch.equal(g, torch.arange(g.numel(), dtype=torch.int32) // 32)
+    r = adaptkit_cli("quantize", model, tmp_path / "b", "--method", "gptq", "--group-size", "32", "-o", "group_order=random")
+    assert r.exit_code == 3 and "group_order" in _err(r)

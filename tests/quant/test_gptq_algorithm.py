@@ -38,8 +38,11 @@ def ref_grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch
     return scale, zero
 
 
-def ref_gptq(W: torch.Tensor, X: torch.Tensor, *, bits: int, gs: int, sym: bool, act_order: bool, damp: float):
-    """Plain float64 GPTQ: returns (codes [out,in] in original order, W_hat [out,in])."""
+def ref_gptq(W: torch.Tensor, X: torch.Tensor, *, bits: int, gs: int, sym: bool, act_order: bool, damp: float,
+             order: list[int] | None = None, by_original_group: bool = False):
+    """Plain float64 GPTQ: returns (codes [out,in] in original order, W_hat [out,in]). ``order``: an explicit
+    processing order; groups are the runs of ``gs`` positions in that order, or with ``by_original_group``
+    the runs of positions whose original columns share ``i // gs``."""
     W = W.double().clone()
     X = X.double()
     n = X.shape[1]
@@ -50,7 +53,7 @@ def ref_gptq(W: torch.Tensor, X: torch.Tensor, *, bits: int, gs: int, sym: bool,
         if dead[i]:
             H[i, i] = 1.0
             W[:, i] = 0
-    order = list(range(cols))
+    order = list(order) if order is not None else list(range(cols))
     if act_order:
         order = sorted(range(cols), key=lambda i: (-float(H[i, i]), i))
     W = W[:, order]
@@ -64,7 +67,10 @@ def ref_gptq(W: torch.Tensor, X: torch.Tensor, *, bits: int, gs: int, sym: bool,
     if gs == -1:
         scale, zero = ref_grid(W, bits, sym)
     for j in range(cols):
-        if gs != -1 and j % gs == 0:
+        if gs != -1 and by_original_group and (j == 0 or order[j] // gs != order[j - 1] // gs):
+            size = sum(1 for i in order[j:j + gs] if i // gs == order[j] // gs)
+            scale, zero = ref_grid(W[:, j:j + size], bits, sym)
+        elif gs != -1 and not by_original_group and j % gs == 0:
             scale, zero = ref_grid(W[:, j:j + gs], bits, sym)
         w = W[:, j]
         q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
@@ -141,6 +147,53 @@ def test_gptq_partial_last_group_matches_float64_reference(act_order):
     codes_ref, W_ref = ref_gptq(W, X, bits=4, gs=32, sym=False, act_order=act_order, damp=0.01)
     assert float((ql.codes.double() != codes_ref).double().mean()) < 0.002
     assert out_err(W, ql.dequantize(), X) == pytest.approx(out_err(W, W_ref, X), rel=1e-3)
+
+
+def test_group_aware_order_matches_reference_and_keeps_contiguous_groups():
+    """GAR: inside each group columns by decreasing diag(H), groups by decreasing max diag(H); the result
+    equals the float64 recursion run in that order, and g_idx stays i // group_size."""
+    g = torch.Generator().manual_seed(21)
+    W = torch.randn(24, 128, generator=g)
+    X = correlated_inputs(128, 512, seed=6)
+    H = hessian(X)
+    d = [float(v) for v in torch.diagonal(2.0 * X.double() @ X.double().T / X.shape[1])]
+    groups = [list(range(g0, g0 + 32)) for g0 in range(0, 128, 32)]
+    inner = [sorted(grp, key=lambda i: (-d[i], i)) for grp in groups]
+    gorder = sorted(range(4), key=lambda k: (-max(d[i] for i in groups[k]), k))
+    order = [i for k in gorder for i in inner[k]]
+    assert gorder != [0, 1, 2, 3]  # the test data does reorder the groups
+    spec = QuantSpec(bits=4, group_size=32, sym=True, damp=0.01)
+    ql, _ = gptq.gptq_quantize(W, H, spec, block_size=64, compute_dtype=torch.float64, group_aware=True)
+    assert torch.equal(ql.g_idx, torch.arange(128, dtype=torch.int32) // 32)
+    codes_ref, W_ref = ref_gptq(W, X, bits=4, gs=32, sym=True, act_order=False, damp=0.01, order=order)
+    assert float((ql.codes.double() != codes_ref).double().mean()) < 0.002
+    assert out_err(W, ql.dequantize(), X) == pytest.approx(out_err(W, W_ref, X), rel=1e-3)
+    # and it is not the natural order's result
+    plain, _ = gptq.gptq_quantize(W, H, spec, block_size=64, compute_dtype=torch.float64)
+    assert not torch.equal(plain.codes, ql.codes)
+
+
+def test_group_aware_order_with_a_partial_group():
+    """112 columns in groups of 32: the 16-column group may be processed anywhere in GAR order."""
+    g = torch.Generator().manual_seed(22)
+    W = torch.randn(16, 112, generator=g)
+    X = correlated_inputs(112, 512, seed=7)
+    X[96:] *= 5.0  # the short group holds the most salient columns: GAR processes it first
+    spec = QuantSpec(bits=4, group_size=32, sym=False, damp=0.01, partial_groups=True)
+    ql, _ = gptq.gptq_quantize(W, hessian(X), spec, block_size=64, compute_dtype=torch.float64, group_aware=True)
+    assert ql.scales.shape == (4, 16)
+    assert torch.equal(ql.g_idx, torch.arange(112, dtype=torch.int32) // 32)
+    d = [float(v) for v in torch.diagonal(2.0 * X.double() @ X.double().T / X.shape[1])]
+    groups = [list(range(g0, min(g0 + 32, 112))) for g0 in range(0, 112, 32)]
+    inner = [sorted(grp, key=lambda i: (-d[i], i)) for grp in groups]
+    gorder = sorted(range(4), key=lambda k: (-max(d[i] for i in groups[k]), k))
+    assert gorder[0] == 3  # the short group first
+    order = [i for k in gorder for i in inner[k]]
+    codes_ref, W_ref = ref_gptq(W, X, bits=4, gs=32, sym=False, act_order=False, damp=0.01, order=order,
+                                by_original_group=True)
+    assert float((ql.codes.double() != codes_ref).double().mean()) < 0.002
+    assert out_err(W, ql.dequantize(), X) == pytest.approx(out_err(W, W_ref, X), rel=1e-3)
+    assert out_err(W, ql.dequantize(), X) < out_err(W, ref_rtn(W, 4, 32, False), X)
 
 
 def test_gptq_float32_close_to_reference():

@@ -1,7 +1,10 @@
 """Logits of our GPTQ / AWQ checkpoints run by transformers + GPTQModel equal our dequantized reference (slow).
 
 Issue #4 item 5. A tiny Llama (hidden 256, intermediate 512, 2 layers, float32) is quantized with
-``adaptkit quantize --method gptq`` (4-bit, sym, g128) and ``--method awq`` (4-bit, zero point, g64), then:
+``adaptkit quantize --method gptq`` (4-bit, sym, g128) and ``--method awq`` (4-bit, zero point, g64), and a
+second one with hidden 192 = 1.5 x 128 with ``--method gptq --act-order --partial-groups`` at g128 (SmolLM2's
+situation: q/k/v/o/gate/up end with a 64-column group; GPTQModel's kernels must size ``scales`` with
+``ceil(in / group)``), then:
 
 * **interop side** -- in a subprocess of the interop interpreter (``ADAPTKIT_INTEROP_PYTHON``, default
   ``.venv-interop/bin/python``: transformers + GPTQModel + optimum), our quantized folder is loaded with

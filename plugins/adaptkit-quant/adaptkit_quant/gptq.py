@@ -41,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     import torch
 
 DEFAULT_BLOCK_SIZE = 128
+DEFAULT_GROUP_ORDER = "gar"  #: without act-order: group-aware reordering (see group_aware_order)
 MAX_DAMP = 10.0
 
 
@@ -175,6 +176,58 @@ def _block_size(block_size: int, group_size: int, columns: int) -> int:
     return group_size
 
 
+def group_aware_order(diag: "torch.Tensor", group_size: int) -> "torch.Tensor":
+    """Group-aware reordering (GAR): a processing order that keeps every contiguous group together.
+
+    Inside each group of ``group_size`` original columns, columns go by decreasing Hessian diagonal; groups
+    go by decreasing maximum diagonal of their columns (ties: original order). Like act-order it quantizes
+    the most salient columns first, but each group stays a contiguous range of original columns, so
+    ``g_idx`` is the plain ``i // group_size`` and the file needs no ``desc_act``.
+    """
+    import torch
+
+    cols = int(diag.numel())
+    groups = [torch.arange(g0, min(g0 + group_size, cols), device=diag.device) for g0 in range(0, cols, group_size)]
+    inner = [g[torch.argsort(diag[g], descending=True, stable=True)] for g in groups]
+    score = torch.stack([diag[g].max() for g in groups])
+    order = torch.argsort(score, descending=True, stable=True)
+    return torch.cat([inner[int(k)] for k in order])
+
+
+def _plan(cols: int, gs: int, perm: "torch.Tensor | None", gar: bool, block_size: int) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]]]:
+    """(groups, blocks) in processing order.
+
+    ``groups``: ``(start, size, slot)`` -- the run of processing positions ``start .. start+size`` forms one
+    group whose scale/zero go to row ``slot`` of ``scales``. ``blocks``: lazy-update blocks ``(i1, i2)``,
+    unions of whole groups (no group straddles two blocks) of about ``block_size`` columns.
+    """
+    if gs == -1:
+        groups = [(0, cols, 0)]
+        return groups, [(i, min(i + block_size, cols)) for i in range(0, cols, block_size)]
+    if gar:
+        assert perm is not None
+        groups = []
+        pos = 0
+        while pos < cols:
+            slot = int(perm[pos]) // gs
+            size = min(gs, cols - slot * gs)
+            groups.append((pos, size, slot))
+            pos += size
+    else:
+        groups = [(g0, min(gs, cols - g0), k) for k, g0 in enumerate(range(0, cols, gs))]
+    blocks: list[tuple[int, int]] = []
+    cur = None
+    for start, size, _ in groups:
+        if cur is not None and start + size - cur <= max(block_size, gs):
+            continue
+        if cur is not None:
+            blocks.append((cur, start))
+        cur = start
+    if cur is not None:
+        blocks.append((cur, cols))
+    return groups, blocks
+
+
 def gptq_quantize(
     W: "torch.Tensor",
     H: "torch.Tensor",
@@ -184,10 +237,13 @@ def gptq_quantize(
     compute_dtype: Any = None,
     name: str = "",
     max_damp: float = MAX_DAMP,
+    group_aware: bool = False,
 ) -> tuple[QuantizedLinear, GPTQStats]:
     """Quantize ``W [out, in]`` given the Hessian ``H [in, in]`` (``2/n Σ x xᵀ``); see the module doc.
 
-    Returns the :class:`QuantizedLinear` (codes in the original column order, ``g_idx``) and stats.
+    ``group_aware``: process columns in :func:`group_aware_order` (ignored with act-order, static groups or
+    per-channel groups). Returns the :class:`QuantizedLinear` (codes in the original column order,
+    ``g_idx``) and stats.
     """
     import torch
 
@@ -215,13 +271,19 @@ def gptq_quantize(
         # parameters of the original contiguous groups, from the original weights
         static_params = [find_params(W[:, g0:g0 + gs], spec.bits, spec.sym) for g0 in range(0, cols, gs)]
 
+    gar = bool(group_aware) and gs != -1 and not spec.act_order and static_params is None
     if spec.act_order:
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    elif gar:
+        perm = group_aware_order(torch.diagonal(H).clone(), gs)
+    else:
+        perm = None
+    if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
         invperm = torch.argsort(perm)
     else:
-        perm = invperm = None
+        invperm = None
 
     U, damp_used, retries = inverse_hessian_upper(H, spec.damp, name=name, max_damp=max_damp)
     Hinv = U.to(compute_dtype)
@@ -233,17 +295,15 @@ def gptq_quantize(
     codes = torch.zeros(rows, cols, dtype=compute_dtype, device=dev)
     losses = torch.zeros(rows, dtype=compute_dtype, device=dev)
 
-    if gs == -1:
-        s, z = find_params(W, spec.bits, spec.sym)
-        scales[0], zeros[0] = s, z
+    groups, blocks = _plan(cols, gs, perm, gar, _block_size(block_size, gs, cols))
+    starts = {start: (size, slot) for start, size, slot in groups}
     scale = zero = None
     if gs == -1:
-        scale, zero = scales[0], zeros[0]
+        scale, zero = find_params(W, spec.bits, spec.sym)
+        scales[0], zeros[0] = scale, zero
 
-    bs = _block_size(block_size, gs, cols)
     with _few_threads(dev):
-        for i1 in range(0, cols, bs):
-            i2 = min(i1 + bs, cols)
+        for i1, i2 in blocks:
             count = i2 - i1
             W1 = W[:, i1:i2].clone()
             Q1 = torch.zeros_like(W1)
@@ -256,10 +316,10 @@ def gptq_quantize(
                     if static_params is not None:
                         g = int(perm[j]) // gs if perm is not None else j // gs
                         scale, zero = static_params[g]
-                    elif j % gs == 0:
-                        g = j // gs
-                        scale, zero = find_params(W1[:, i:i + gs], spec.bits, spec.sym)
-                        scales[g], zeros[g] = scale, zero
+                    elif j in starts:
+                        size, slot = starts[j]
+                        scale, zero = find_params(W1[:, i:i + size], spec.bits, spec.sym)
+                        scales[slot], zeros[slot] = scale, zero
                 w = W1[:, i]
                 q = torch.round(w / scale).add_(zero).clamp_(0, maxq)
                 Q1[:, i] = q
@@ -277,6 +337,8 @@ def gptq_quantize(
         g_idx = torch.arange(cols, device=dev) // gs
     elif gs == -1:
         g_idx = torch.zeros(cols, dtype=torch.long, device=dev)
+    elif gar:
+        g_idx = torch.arange(cols, device=dev) // gs  # groups are the original contiguous ranges
     else:
         g_idx = torch.arange(cols, device=dev) // gs  # in processing order
         if invperm is not None:
@@ -324,12 +386,16 @@ def quantize(request: Any) -> Iterator[tuple[str, Any]]:
     from adaptkit_quant.layerwise import LayerwiseModel
 
     spec: QuantSpec = request.spec
-    block_size = int(request.options.get("block_size", DEFAULT_BLOCK_SIZE)) if request.options else DEFAULT_BLOCK_SIZE
+    options = request.options or {}
+    block_size = int(options.get("block_size", DEFAULT_BLOCK_SIZE))
+    group_order = str(options.get("group_order", DEFAULT_GROUP_ORDER))
+    if group_order not in ("natural", "gar"):
+        raise ConfigError(f"gptq option group_order={group_order!r}: expected natural or gar")
     lw = LayerwiseModel.from_request(request)
     targets = set(request.targets)
     done: set[str] = set()
     try:
-        yield from _stream_layers(request, lw, spec, block_size, targets, done)
+        yield from _stream_layers(request, lw, spec, block_size, targets, done, group_aware=group_order == "gar")
     finally:
         lw.close()
     missing = [t for t in request.targets if t not in done]
@@ -340,7 +406,8 @@ def quantize(request: Any) -> Iterator[tuple[str, Any]]:
         )
 
 
-def _stream_layers(request: Any, lw: Any, spec: QuantSpec, block_size: int, targets: set[str], done: set[str]) -> Iterator[tuple[str, Any]]:
+def _stream_layers(request: Any, lw: Any, spec: QuantSpec, block_size: int, targets: set[str], done: set[str],
+                   *, group_aware: bool = False) -> Iterator[tuple[str, Any]]:
     import torch
 
     from adaptkit_quant.layerwise import run_sequential_groups
@@ -355,7 +422,8 @@ def _stream_layers(request: Any, lw: Any, spec: QuantSpec, block_size: int, targ
             Ws = [modules[full].weight.detach().float() for full in names]
             W = torch.cat(Ws, dim=0)
             label = "+".join(full.rsplit(".", 1)[-1] for full in names)
-            ql, st = gptq_quantize(W, H, spec, block_size=block_size, name=label if len(names) > 1 else names[0])
+            ql, st = gptq_quantize(W, H, spec, block_size=block_size, name=label if len(names) > 1 else names[0],
+                                   group_aware=group_aware)
             out = {}
             r0 = 0
             errs = []

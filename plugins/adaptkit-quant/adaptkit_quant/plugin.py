@@ -36,6 +36,10 @@ QUANTIZERS = (
         params=(
             Param("block_size", int, 128, scope="global", min=1, max=4096,
                   help="columns per lazy-update block (the paper's B)"),
+            Param("group_order", str, "gar", scope="global", choices=("gar", "natural"),
+                  help="without --act-order: 'gar' = group-aware reordering (salient groups and columns first, "
+                       "groups kept contiguous, so no desc_act in the file; GPTQModel's default too); "
+                       "'natural' = the paper's left-to-right order"),
         ),
         formats=("gptq",),
     ),
