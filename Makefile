@@ -61,7 +61,7 @@ $(INTEROP)/.setup:
 	touch $@
 
 test-interop: setup $(INTEROP)/.setup
-	ADAPTKIT_INTEROP_PYTHON=$(INTEROP)/bin/python $(PY) -m pytest -q -p no:cacheprovider -m slow tests/quant/test_formats_interop.py tests/quant/test_interop_logits.py
+	ADAPTKIT_INTEROP_PYTHON=$(abspath $(INTEROP))/bin/python $(PY) -m pytest -q -p no:cacheprovider -m slow tests/quant/test_formats_interop.py tests/quant/test_interop_logits.py
 	$(PY) benchmarks/quantize_vs_peers.py --peer-python $(INTEROP)/bin/python --peers gptqmodel --methods gptq
 
 # adaptkit gptq/awq vs GPTQModel and AutoAWQ on SmolLM2 (AutoAWQ alone takes ~1 h on a 2-core CPU)

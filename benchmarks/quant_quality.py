@@ -139,7 +139,7 @@ def apply_items(model, items, fp_state):
 #: SmolLM2-135M has hidden size 576 = 4.5 x 128: vLLM's GPTQ kernels and the AWQ GEMM format need
 #: in_features to be a multiple of the group size, so the main rows use groups of 64 (576 = 9 x 64). The
 #: ``-g128`` rows use group size 128 with a shorter last group of 64 columns in q/k/v/o/gate/up
-#: (``--partial-groups``: GPTQ format only; transformers + GPTQModel load it, vLLM does not).
+#: (``--partial-groups``: GPTQ format only; transformers + GPTQModel (backend gptq_torch) load it, vLLM does not).
 GROUP = int(os.environ.get("ADAPTKIT_QUALITY_GROUP", "64"))
 
 METHODS = {

@@ -50,7 +50,7 @@ def _method_options(comp: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.option("--act-order", is_flag=True, help="GPTQ desc_act: quantize columns by decreasing Hessian diagonal.")
 @click.option("--partial-groups", is_flag=True,
               help="GPTQ format: allow a shorter last group when in_features is not a multiple of --group-size "
-                   "(transformers + GPTQModel read it; vLLM does not).")
+                   "(transformers + GPTQModel's gptq_torch kernel read it; vLLM does not).")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening (fraction of mean diag(H)).")
 @click.option("--calib", default="builtin", show_default=True, metavar="FILE.jsonl|builtin[-news|-wiki|-pydoc]",
               help="Calibration text for gptq/awq: JSON lines with a 'text' field, or built-in real English prose (news + Wikipedia from gensim's wheel; -news, -wiki, -pydoc for one source).")

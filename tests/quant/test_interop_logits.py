@@ -41,17 +41,20 @@ import pytest
 torch = pytest.importorskip("torch")
 
 ROOT = Path(__file__).resolve().parents[2]
-INTEROP = Path(os.environ.get("ADAPTKIT_INTEROP_PYTHON", ROOT / ".venv-interop" / "bin" / "python"))
+INTEROP = Path(os.environ.get("ADAPTKIT_INTEROP_PYTHON", ROOT / ".venv-interop" / "bin" / "python")).absolute()
 
 TINY = dict(hidden_size=256, intermediate_size=512, num_layers=2, dtype="float32")
 #: hidden 192 = 1.5 x 128: q/k/v/o/gate/up end with a 64-column group at --group-size 128 (SmolLM2's case)
 TINY_PARTIAL = dict(hidden_size=192, intermediate_size=384, num_layers=2, num_heads=6, num_kv_heads=2, dtype="float32")
-#: case -> (adaptkit quantize arguments, transformers backend that keeps >= fp16 precision, tiny model)
+#: case -> (adaptkit quantize arguments, transformers backend that keeps >= fp16 precision, tiny model,
+#: also check GPTQModel's automatic kernel choice). Partial groups: GPTQModel's automatic CPU kernel
+#: (TorchAtenLinear, ATen int4pack) fails on them ("_weight_int4pack_mm_cpu: expect K to be divisible by
+#: qGroupSize"), so that case loads with backend="gptq_torch" only (what specs/formats.md tells users).
 CASES = {
-    "gptq": (["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym"], "gptq_torch", TINY),
+    "gptq": (["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym"], "gptq_torch", TINY, True),
     "gptq-partial": (["--method", "gptq", "--bits", "4", "--group-size", "128", "--sym", "--act-order",
-                      "--partial-groups"], "gptq_torch", TINY_PARTIAL),
-    "awq": (["--method", "awq", "--bits", "4", "--group-size", "64", "--asym"], "torch_awq", TINY),
+                      "--partial-groups"], "gptq_torch", TINY_PARTIAL, False),
+    "awq": (["--method", "awq", "--bits", "4", "--group-size", "64", "--asym"], "torch_awq", TINY, True),
 }
 PRECISE_BOUND = 1e-3  # issue #4: logits within 1e-3 relative of our dequantized reference
 AUTO_BOUND = 2e-2     # GPTQModel's auto CPU kernels run in bfloat16 (unit roundoff 2**-8 per op)
@@ -107,7 +110,7 @@ def _logits(folder: Path, ids: "torch.Tensor") -> "torch.Tensor":
 def test_interop_logits_match_dequantized_reference(tiny_llama, adaptkit_cli, tmp_path, case) -> None:
     from safetensors.torch import load_file, save_file
 
-    args, precise, tiny = CASES[case]
+    args, precise, tiny, check_auto = CASES[case]
     fmt = case.split("-")[0]
     src = tiny_llama(**tiny)
     q, deq = tmp_path / "q", tmp_path / "deq"
@@ -124,7 +127,7 @@ def test_interop_logits_match_dequantized_reference(tiny_llama, adaptkit_cli, tm
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GPTQMODEL_CPU_WORKERS": "1"}
     run = subprocess.run(
         [str(INTEROP), "-c", SCRIPT, str(q), fmt, str(tmp_path / "ids.safetensors"),
-         str(tmp_path / "interop.safetensors"), precise, "auto"],
+         str(tmp_path / "interop.safetensors"), precise, *(["auto"] if check_auto else [])],
         capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path,  # GPTQModel writes logs/ into cwd
     )
     assert run.returncode == 0, run.stderr[-3000:]
@@ -133,13 +136,15 @@ def test_interop_logits_match_dequantized_reference(tiny_llama, adaptkit_cli, tm
 
     ref = _logits(deq, ids)
     unquantized = _logits(src, ids)
-    rel_precise, rel_auto = _rel(got[precise], ref), _rel(got["auto"], ref)
+    rel_precise = _rel(got[precise], ref)
+    rel_auto = _rel(got["auto"], ref) if check_auto else float("nan")
     quant_err = _rel(unquantized, ref)
     print(f"{case}: kernels={kernels} rel[{precise}]={rel_precise:.3e} rel[auto]={rel_auto:.3e} "
           f"quantization error={quant_err:.3e}")
     # GPTQModel really built quantized kernels for all 14 linears (nothing silently loaded in float)
     assert all(k["n"] == 14 for k in kernels.values()), kernels
     assert rel_precise <= PRECISE_BOUND, (precise, rel_precise)
-    assert rel_auto <= AUTO_BOUND, ("auto", rel_auto)
+    if check_auto:
+        assert rel_auto <= AUTO_BOUND, ("auto", rel_auto)
     # the comparison can see a quantization-sized error (what a packing/zero-point bug produces)
     assert quant_err > 5 * AUTO_BOUND, quant_err

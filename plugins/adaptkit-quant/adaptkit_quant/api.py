@@ -82,7 +82,7 @@ class QuantSpec:
     true_sequential: bool = True
     static_groups: bool = False
     #: allow a shorter last group when in_features is not a multiple of group_size (GPTQ format only:
-    #: ceil(in/group) groups, g_idx = i // group; GPTQModel's torch/triton kernels read it, vLLM's refuse)
+    #: ceil(in/group) groups, g_idx = i // group; GPTQModel's gptq_torch kernel reads it, vLLM's refuse)
     partial_groups: bool = False
 
     @property

@@ -31,7 +31,8 @@ def shape_problem(out_features: int, in_features: int, spec: QuantSpec) -> str |
     if spec.group_size != -1 and in_features % spec.group_size and not spec.partial_groups:
         return (
             f"in_features {in_features} is not a multiple of group size {spec.group_size} (vLLM's GPTQ kernels "
-            "need that; --partial-groups writes a shorter last group, which transformers + GPTQModel read)"
+            "need that; --partial-groups writes a shorter last group, which transformers + GPTQModel's "
+            "gptq_torch kernel read)"
         )
     # readers (AutoGPTQ, GPTQModel, vLLM) size qweight as in // 32 * bits and qzeros as out // 32 * bits
     if in_features % 32:
