@@ -75,11 +75,13 @@ def validate_calib(calib: str | None, nsamples: int, seqlen: int) -> None:
         raise ConfigError(f"--nsamples {nsamples} must be >= 1")
     if seqlen < 8:
         raise ConfigError(f"--seqlen {seqlen} must be >= 8")
-    if calib in (None, "", "builtin", "builtin-news", "builtin-wiki", "builtin-pydoc"):
+    from adaptkit_quant.calib import BUILTIN_SOURCES
+
+    if calib in (None, "") or calib in BUILTIN_SOURCES:
         return  # built-in sources are checked when they are read (calib.py)
     p = Path(calib)
     if not p.is_file():
-        raise ConfigError(f"{calib}: calibration file not found (give a .jsonl file with a 'text' field per line, or builtin, builtin-news, builtin-wiki, builtin-pydoc)")
+        raise ConfigError(f"{calib}: calibration file not found (give a .jsonl file with a 'text' field per line, or one of {', '.join(BUILTIN_SOURCES)})")
     texts = 0
     chars = 0
     with p.open("r", encoding="utf-8", errors="replace") as fh:

@@ -337,11 +337,9 @@ def gptq_quantize(
         g_idx = torch.arange(cols, device=dev) // gs
     elif gs == -1:
         g_idx = torch.zeros(cols, dtype=torch.long, device=dev)
-    elif gar:
-        g_idx = torch.arange(cols, device=dev) // gs  # groups are the original contiguous ranges
     else:
-        g_idx = torch.arange(cols, device=dev) // gs  # in processing order
-        if invperm is not None:
+        g_idx = torch.arange(cols, device=dev) // gs
+        if invperm is not None and not gar:  # act-order: groups are runs in processing order
             g_idx = g_idx[invperm]
     if invperm is not None:
         codes = codes[:, invperm]
