@@ -21,6 +21,7 @@ class ExitCode(enum.IntEnum):
     PLUGIN = 6  #: a plugin failed or the plugin registry is inconsistent
     QUALITY = 7  #: a verification gate failed
     INTERRUPTED = 130  #: interrupted by the user (Ctrl-C)
+    TERMINATED = 143  #: stopped by SIGTERM (``kill``, ``timeout``)
 
 
 class AdaptkitError(Exception):
@@ -72,3 +73,8 @@ class QualityGateError(AdaptkitError):
     """A verification gate failed."""
 
     exit_code = ExitCode.QUALITY
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread when the process receives SIGTERM (the CLI installs the handler), so a
+    ``kill`` or ``timeout`` unwinds exactly like Ctrl-C: temporary output folders are removed."""

@@ -249,7 +249,14 @@ class PluginHost:
         return self.registry("loader")
 
     def open_model(self, path: Any, **options: Any) -> Any:
-        """Open a checkpoint with the first loader (by priority) whose ``detect`` accepts ``path``."""
+        """Open a checkpoint with the first loader (by priority) whose ``detect`` accepts ``path``.
+
+        The returned object has the ``adaptkit.io.Checkpoint`` interface plus two attributes set here:
+        ``loader`` (the loader's qualified name) and ``source_format`` (``None`` for floating-point weights,
+        else what was dequantized on load, e.g. ``"gptq"`` or ``"gguf:Q4_1"``; a loader sets it itself).
+        An input no loader accepts is a ``CheckpointError`` naming the path and every loader tried (with the
+        safetensors reader's precise reason when it has one: pickle-only folder, empty folder, ...).
+        """
         from pathlib import Path
 
         from adaptkit.errors import CheckpointError
@@ -259,10 +266,23 @@ class PluginHost:
             raise CheckpointError(f"{p}: no such file or folder (adaptkit reads local checkpoints only, never downloads)")
         entry = self.loaders.find(p)
         if entry is None:
-            from adaptkit.io import open_checkpoint  # gives the precise reason (pickle-only, empty folder, ...)
+            tried = ", ".join(self.loaders.tried()) or "none"
+            from adaptkit.io import open_checkpoint
 
-            return open_checkpoint(p, **options)
-        return entry.component.load()(p, **options)
+            try:  # the safetensors reader knows the precise reason (pickle-only, empty folder, bad index, ...)
+                ckpt = open_checkpoint(p, **options)
+            except CheckpointError as exc:
+                raise CheckpointError(f"{exc.message} (loaders tried: {tried})", hint=exc.hint) from None
+            entry_name = "adaptkit:safetensors"
+        else:
+            ckpt = entry.component.load()(p, **options)
+            entry_name = entry.qualified_name
+        for attr, value in (("loader", entry_name), ("source_format", getattr(ckpt, "source_format", None))):
+            try:
+                setattr(ckpt, attr, value)
+            except AttributeError:  # pragma: no cover - a loader returning a slotted object
+                pass
+        return ckpt
 
     # -- commands and steps ------------------------------------------------------------------------
     def plugin_commands(self, reserved: Iterable[str] = ()) -> dict[str, Any]:

@@ -161,7 +161,8 @@ class MergeMethod(Component):
 
     The function is pure: it receives a group of same-named tensors (already upcast to the compute dtype)
     and the validated parameters for that tensor, and returns the merged tensor in the compute dtype. It
-    never opens a file and never rounds to the output dtype (the engine rounds once).
+    never opens a file and never rounds to the output dtype (the engine rounds once). What the engine needs
+    to know about a method is declared here, never inferred from its name.
     """
 
     requires_base: bool = False
@@ -169,35 +170,131 @@ class MergeMethod(Component):
     randomized: bool = False  #: uses ``inputs.generator(i)``; output depends on --seed
     min_models: int = 1
     max_models: int | None = None
+    #: the result for a block of rows depends only on those rows, so the engine may feed a large tensor in
+    #: row blocks: ``True``, or an implementation reference ``"pkg.mod:func"`` called as
+    #: ``func(params: list[dict], global_params: dict) -> bool`` for one tensor's resolved parameters
+    #: (e.g. task arithmetic is row-separable only without sparsification). Randomized methods never are.
+    row_separable: bool | str | Callable[..., bool] = False
+    #: the result is non-finite wherever an input is (a weighted sum): the engine may check the result for
+    #: NaN/Inf instead of every input, and checks the inputs only when the result is non-finite
+    propagates_nonfinite: bool = False
+    #: the method may overwrite its input tensors when ``inputs.owned`` is true (the engine's own copies)
+    in_place: bool = False
+    #: a task with a single model whose parameters all equal these values is copied without any math
+    #: (passthrough with ``scale: 1``); ``None``: always call the method
+    identity_params: tuple[tuple[str, Any], ...] | None = None
+
+    def is_row_separable(self, params: list[dict[str, Any]], global_params: dict[str, Any]) -> bool:
+        if self.randomized:
+            return False
+        rs = self.row_separable
+        if isinstance(rs, bool):
+            return rs
+        return bool(resolve_impl(rs)(params, global_params))
+
+
+QUANT_OPTIONS: tuple[str, ...] = ("bits", "group_size", "sym", "act_order", "damp", "partial_groups")
+"""The common ``adaptkit quantize`` options a quantizer may declare in ``Quantizer.accepts``."""
 
 
 @dataclass(frozen=True)
 class Quantizer(Component):
-    """A quantization method: ``impl(request) -> result`` (see plugins/adaptkit-quant/specs)."""
+    """A quantization method: ``impl(request: adaptkit.quantize.api.QuantizeRequest) -> Iterable[item]``
+    (the whole contract: ``adaptkit.hookspecs.adaptkit_register_quantizers``).
+
+    ``formats`` are the checkpoint formats its results can be written in (core formats:
+    ``adaptkit.formats.FORMATS``; the first is the default). ``accepts`` lists the common options it honours
+    (:data:`QUANT_OPTIONS`); a user who sets another one gets an error instead of a silently ignored option.
+    ``bits`` are the bit widths it produces. ``needs_calibration``: the runner validates the calibration
+    source first and the request carries it.
+    """
 
     formats: tuple[str, ...] = ()
+    accepts: tuple[str, ...] = ("bits", "group_size", "sym")
+    bits: tuple[int, ...] = (4,)
+    needs_calibration: bool = False
+
+
+ADAPTER_KINDS: tuple[str, ...] = (
+    "full", "lora", "qlora", "dora", "rslora", "adalora", "ia3", "prompt_tuning", "prefix_tuning",
+)
+"""Adapter kinds a trainer may declare in ``Trainer.adapters``."""
+
+DATA_FORMATS: tuple[str, ...] = ("text", "messages", "prompt_completion", "preference", "unpaired_preference", "prompt")
+"""Dataset row shapes (see ``adaptkit.train.api.DATA_FORMATS`` for their fields)."""
 
 
 @dataclass(frozen=True)
 class Trainer(Component):
-    """A training recipe (SFT, DPO, ...) producing an adapter or a model."""
+    """A training method (SFT, DPO, KTO, ORPO, GRPO, ...): ``impl(request: adaptkit.train.api.TrainRequest)
+    -> adaptkit.train.api.TrainResult`` (contract: ``adaptkit.hookspecs.adaptkit_register_trainers``).
+
+    ``data_formats``: the dataset row shapes it trains on (:data:`DATA_FORMATS`); ``adapters``: the adapter
+    kinds it can train (:data:`ADAPTER_KINDS`); ``needs_reward``: it needs reward functions (GRPO);
+    ``needs_reference``: it keeps a frozen reference model (DPO, KTO); ``distributed``: it runs under
+    ``torchrun``/``accelerate launch`` with more than one process.
+    """
+
+    data_formats: tuple[str, ...] = ()
+    adapters: tuple[str, ...] = ("lora",)
+    needs_reward: bool = False
+    needs_reference: bool = False
+    distributed: bool = False
 
 
 @dataclass(frozen=True)
 class Evaluator(Component):
-    """An evaluation (perplexity, a benchmark task, a probe, a gate)."""
+    """An evaluation (bits-per-byte, benchmark tasks, probes, agreement with a baseline):
+    ``impl(request: adaptkit.evaluate.api.EvalRequest) -> adaptkit.evaluate.api.EvalResult`` (contract:
+    ``adaptkit.hookspecs.adaptkit_register_evaluators``).
+
+    ``metrics``: the metric names it reports, each with ``higher_is_better``; ``needs_baseline``: it compares
+    against a baseline model (agreement, KL); ``same_tokenizer``: a baseline must share the tokenizer
+    (token-level metrics); ``generates``: it runs generation (slower; probes).
+    """
+
+    metrics: tuple[tuple[str, bool], ...] = ()
+    needs_baseline: bool = False
+    same_tokenizer: bool = False
+    generates: bool = False
 
 
 @dataclass(frozen=True)
 class Loader(Component):
     """A checkpoint loader. ``detect(path) -> bool`` says whether it can read ``path`` (cheap: headers and
-    file names only); ``impl(path, **options)`` opens it. Higher ``priority`` is asked first."""
+    file names only; it must not raise -- one that does is reported as that plugin's error); ``impl(path,
+    **options)`` opens it. Higher ``priority`` is asked first. ``dequantizes``: it reads a quantized format
+    and returns dequantized floating-point tensors (the opened checkpoint's ``source_format`` names it)."""
 
     detect: str | Callable[..., bool] = ""
     priority: int = 0
+    dequantizes: bool = False
 
     def can_load(self, path: Any) -> bool:
         return bool(resolve_impl(self.detect)(path))
+
+
+def _check_declared(component: Component, owner: str) -> None:
+    """Validate declared capabilities against the values adaptkit knows (one-line PluginError)."""
+    def bad(field_name: str, values: tuple[str, ...], known: tuple[str, ...]) -> None:
+        unknown = [v for v in values if v not in known]
+        if unknown:
+            raise PluginError(
+                f"{owner}: {type(component).__name__.lower()} {component.name!r} declares unknown "
+                f"{field_name} {unknown[0]!r} (known: {', '.join(known)})"
+            )
+
+    if isinstance(component, Quantizer):
+        from adaptkit.formats import FORMATS
+
+        if not component.formats:
+            raise PluginError(f"{owner}: quantizer {component.name!r} declares no output format "
+                              f"(formats=(...), known: {', '.join(FORMATS)})")
+        bad("format", component.formats, tuple(FORMATS))
+        bad("option", component.accepts, QUANT_OPTIONS)
+    elif isinstance(component, Trainer):
+        bad("adapter kind", component.adapters, ADAPTER_KINDS)
+        bad("data format", component.data_formats, DATA_FORMATS)
 
 
 C = TypeVar("C", bound=Component)
@@ -239,6 +336,7 @@ class Registry(Generic[C]):
                 f"{self._owner.plugin}: invalid {self.kind} name {component.name!r} "
                 "(lowercase letters, digits, '_' and '-', starting with a letter)"
             )
+        _check_declared(component, self._owner.plugin)
         entries = self._entries.setdefault(component.name, [])
         for e in entries:
             if e.owner.distribution == self._owner.distribution:
@@ -325,12 +423,25 @@ class LoaderRegistry(Registry[Loader]):
         super().__init__(kind="loader", component_type=Loader)
 
     def find(self, path: Any) -> Entry[Loader] | None:
-        """The highest-priority loader whose ``detect`` accepts ``path`` (first result wins)."""
+        """The highest-priority loader whose ``detect`` accepts ``path`` (first result wins). A ``detect`` that
+        raises is a bug of its plugin: a one-line ``PluginError`` naming the loader and its owner."""
         entries = sorted(self.entries(), key=lambda e: -e.component.priority)
         for e in entries:
-            if e.component.can_load(path):
+            try:
+                ok = e.component.can_load(path)
+            except PluginError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - reported with its owner
+                raise PluginError(
+                    f"loader {e.qualified_name} raised in detect({str(path)!r}): {type(exc).__name__}: {exc}"
+                ) from exc
+            if ok:
                 return e
         return None
+
+    def tried(self) -> list[str]:
+        """Qualified names of every loader, in the order ``find`` asks them."""
+        return [e.qualified_name for e in sorted(self.entries(), key=lambda e: -e.component.priority)]
 
 
 REGISTRY_KINDS: dict[str, type[Registry[Any]]] = {

@@ -1,4 +1,8 @@
-"""Built-in checkpoint loader: safetensors (single file, folder, or sharded with an index)."""
+"""Built-in checkpoint loaders: safetensors, quantized checkpoints (dequantized on load) and GGUF files.
+
+Checkpoint formats are core knowledge (``adaptkit.formats``), so their readers are built-ins registered
+through ``adaptkit_register_loaders`` exactly like a plugin's loaders.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -17,14 +21,34 @@ def detect_safetensors(path: Any) -> bool:
     return False
 
 
+LOADERS = (
+    Loader(
+        name="safetensors",
+        impl="adaptkit.io:open_checkpoint",
+        detect=detect_safetensors,
+        priority=0,
+        description="safetensors checkpoints: one file, a folder, or shards with model.safetensors.index.json",
+    ),
+    Loader(
+        name="quantized",
+        impl="adaptkit.formats.quantized:open_quantized",
+        detect="adaptkit.formats.quantized:detect",
+        priority=50,
+        dequantizes=True,
+        description="GPTQ v1/v2, AWQ GEMM and bitsandbytes NF4/FP4/int8 safetensors checkpoints, dequantized on load",
+    ),
+    Loader(
+        name="gguf",
+        impl="adaptkit.formats.gguf:open_gguf",
+        detect="adaptkit.formats.gguf:detect",
+        priority=40,
+        dequantizes=True,
+        description="GGUF files (llama.cpp) of Llama-architecture models; Q-types dequantized on load",
+    ),
+)
+
+
 @hookimpl
 def adaptkit_register_loaders(registry: Any) -> None:
-    registry.register(
-        Loader(
-            name="safetensors",
-            impl="adaptkit.io:open_checkpoint",
-            detect=detect_safetensors,
-            priority=0,
-            description="safetensors checkpoints: one file, a folder, or shards with model.safetensors.index.json",
-        )
-    )
+    for loader in LOADERS:
+        registry.register(loader)

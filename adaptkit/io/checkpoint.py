@@ -75,7 +75,12 @@ class Checkpoint:
 
     ``names()`` lists tensors in file order (files in order, tensors by data offset); ``info(name)`` gives
     a :class:`TensorInfo`; ``get(name)`` the tensor (a read-only view of the mapping for safetensors).
+    ``source_format`` is ``None``: these are the stored floating-point weights (a dequantizing loader's
+    checkpoint names the quantized format it read).
     """
+
+    source_format: str | None = None
+    loader: str = "adaptkit:safetensors"
 
     def __init__(
         self,
