@@ -25,6 +25,7 @@ ENTRY_POINT_GROUP = "adaptkit"
 ALLOW_ENV = "ADAPTKIT_PLUGINS"
 
 DEFAULT_PLUGINS: tuple[str, ...] = (
+    "adaptkit.builtins.commands",
     "adaptkit.builtins.mergers",
     "adaptkit.builtins.loaders",
     "adaptkit.builtins.steps",
@@ -201,7 +202,12 @@ class PluginHost:
         if kind not in REGISTRY_KINDS:
             raise KeyError(kind)
         if kind not in self._registries:
-            self._registries[kind] = self._fill(kind)
+            reg = self._fill(kind)
+            failed = [r for r in self.records.values() if r.status == "failed"]
+            if failed:
+                reg.failed_note = "plugins that failed to load: " + "; ".join(
+                    f"{r.distribution} ({r.errors[0] if r.errors else 'failed'})" for r in failed)
+            self._registries[kind] = reg
         return self._registries[kind]
 
     def _fill(self, kind: str) -> Registry[Any]:
@@ -245,6 +251,10 @@ class PluginHost:
         return self.registry("evaluator")
 
     @property
+    def rewards(self) -> Any:
+        return self.registry("reward")
+
+    @property
     def loaders(self) -> Any:
         return self.registry("loader")
 
@@ -285,11 +295,12 @@ class PluginHost:
         return ckpt
 
     # -- commands and steps ------------------------------------------------------------------------
-    def plugin_commands(self, reserved: Iterable[str] = ()) -> dict[str, Any]:
-        """Commands added by plugins through ``adaptkit_register_commands`` (built once).
+    def plugin_commands(self) -> dict[str, Any]:
+        """Every command, built-in and plugin, added through ``adaptkit_register_commands`` (built once).
 
-        Each plugin gets a scratch group to add to; a name already taken by a built-in (``reserved``) or by
-        another plugin is recorded as that plugin's error and the command is dropped.
+        Each plugin gets a scratch group to add to; built-ins are asked first, so a name a plugin takes that is
+        already taken (by a built-in or another plugin) is recorded as that plugin's error and its command is
+        dropped.
         """
         if getattr(self, "_commands", None) is not None:
             return self._commands
@@ -297,8 +308,9 @@ class PluginHost:
 
         commands: dict[str, Any] = {}
         owners: dict[str, str] = {}
-        taken = set(reserved)
-        for impl in self.pm.hook.adaptkit_register_commands.get_hookimpls():
+        impls = self.pm.hook.adaptkit_register_commands.get_hookimpls()
+        impls = sorted(impls, key=lambda i: not (self.records.get(i.plugin_name) and self.records[i.plugin_name].builtin))
+        for impl in impls:
             rec = self.records.get(impl.plugin_name)
             scratch = click.Group(name="adaptkit")
             try:
@@ -309,9 +321,8 @@ class PluginHost:
                 continue
             clashes = []
             for name, cmd in scratch.commands.items():
-                if name in taken or name in commands:
-                    owner = owners.get(name, "adaptkit")
-                    clashes.append(f"{name} (owned by {owner})")
+                if name in commands:
+                    clashes.append(f"{name} (owned by {owners[name]})")
                     continue
                 commands[name] = cmd
                 owners[name] = rec.distribution if rec else impl.plugin_name
@@ -334,9 +345,7 @@ class PluginHost:
     # -- reporting ---------------------------------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         """The document printed by ``adaptkit plugins --json`` (schema in specs/plugin-contract.md)."""
-        from adaptkit.cli import BUILTIN_COMMANDS
-
-        self.plugin_commands(reserved=BUILTIN_COMMANDS)
+        self.plugin_commands()
         for kind in REGISTRY_KINDS:
             self.registry(kind)
         conflicts = []

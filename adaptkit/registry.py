@@ -154,6 +154,27 @@ class Component:
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "description": self.description, "params": [p.describe() for p in self.params]}
 
+    def resolve_options(self, given: dict[str, Any] | None, where: str = "") -> dict[str, Any]:
+        """Validate ``given`` against the declared ``params`` and fill defaults: an unknown key is a
+        ``ConfigError`` naming the nearest declared one, a missing required one too."""
+        given = dict(given or {})
+        loc = f"{where}: " if where else ""
+        known = [p.name for p in self.params]
+        out: dict[str, Any] = {}
+        for key, value in given.items():
+            param = self.param(key)
+            if param is None:
+                close = difflib.get_close_matches(key, known, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{loc}{self.name} has no option {key!r}{hint} (known: {', '.join(known) or 'none'})")
+            out[key] = param.validate(value, where=where)
+        for p in self.params:
+            if p.name not in out:
+                if p.required:
+                    raise ConfigError(f"{loc}{self.name} needs option {p.name!r}")
+                out[p.name] = p.default
+        return out
+
 
 @dataclass(frozen=True)
 class MergeMethod(Component):
@@ -260,6 +281,12 @@ class Evaluator(Component):
 
 
 @dataclass(frozen=True)
+class Reward(Component):
+    """A reward function for RL trainers (GRPO): ``impl(prompts: list[str], completions: list[str], **columns)
+    -> list[float]`` (one score per completion; extra dataset columns such as ``answer`` arrive by name)."""
+
+
+@dataclass(frozen=True)
 class Loader(Component):
     """A checkpoint loader. ``detect(path) -> bool`` says whether it can read ``path`` (cheap: headers and
     file names only; it must not raise -- one that does is reported as that plugin's error); ``impl(path,
@@ -318,6 +345,8 @@ class Registry(Generic[C]):
     component_type: type = Component
     _entries: dict[str, list[Entry[C]]] = field(default_factory=dict)
     _owner: Owner = BUILTIN_OWNER
+    #: set by the host when plugins failed to load: appended to unknown-name errors (the name may be theirs)
+    failed_note: str = ""
 
     # -- used by the host ------------------------------------------------------------------------
     def _set_owner(self, owner: Owner) -> None:
@@ -391,7 +420,8 @@ class Registry(Generic[C]):
         close = difflib.get_close_matches(name, self.names(), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         known = ", ".join(sorted(self._entries)) or "none"
-        raise ConfigError(f"unknown {self.kind} {name!r}{hint} (known: {known})")
+        failed = f"; {self.failed_note}" if self.failed_note else ""
+        raise ConfigError(f"unknown {self.kind} {name!r}{hint} (known: {known}){failed}")
 
     def get(self, name: str) -> C:
         """The component called ``name`` (short or ``distribution:name``); ConfigError if unknown."""
@@ -416,6 +446,11 @@ class TrainerRegistry(Registry[Trainer]):
 class EvaluatorRegistry(Registry[Evaluator]):
     def __init__(self) -> None:
         super().__init__(kind="evaluator", component_type=Evaluator)
+
+
+class RewardRegistry(Registry[Reward]):
+    def __init__(self) -> None:
+        super().__init__(kind="reward", component_type=Reward)
 
 
 class LoaderRegistry(Registry[Loader]):
@@ -449,5 +484,6 @@ REGISTRY_KINDS: dict[str, type[Registry[Any]]] = {
     "quantizer": QuantizerRegistry,
     "trainer": TrainerRegistry,
     "evaluator": EvaluatorRegistry,
+    "reward": RewardRegistry,
     "loader": LoaderRegistry,
 }

@@ -14,14 +14,6 @@ import click
 from adaptkit import __version__
 from adaptkit.errors import AdaptkitError, ExitCode
 
-#: built-in commands: name -> "module:attribute" (imported only when the command is used or listed)
-BUILTIN_COMMANDS: dict[str, str] = {
-    "merge": "adaptkit.cli.merge:merge",
-    "quantize": "adaptkit.cli.quantize:quantize",
-    "plugins": "adaptkit.cli.plugins_cmd:plugins",
-    "inspect": "adaptkit.cli.inspect_cmd:inspect",
-}
-
 _HOST_KEY = "adaptkit.host"
 
 
@@ -39,35 +31,65 @@ def get_host(ctx: click.Context | None = None) -> Any:
     return host
 
 
-def _module_available(ref: str) -> bool:
-    import importlib.util
+def _on_sigterm(signum: int, frame: Any) -> None:
+    from adaptkit.errors import Terminated
 
-    module = ref.partition(":")[0]
+    raise Terminated()
+
+
+def _install_signal_handlers() -> None:
+    """SIGTERM (``kill``, ``timeout``) unwinds like Ctrl-C, so temporary outputs are removed."""
+    import signal
+    import threading
+
+    if threading.current_thread() is threading.main_thread():
+        try:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        except (ValueError, OSError):  # pragma: no cover - embedded interpreters
+            pass
+
+
+def _quiet_stdout() -> None:
+    """After a broken pipe (``adaptkit plugins | head``) send further output, and the interpreter's final
+    flush, to /dev/null so the pipe's reader closing early is not an error."""
+    import os
+
     try:
-        return importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        return False
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # CliRunner's captured stdout has no file descriptor
+        pass
+
+
+def _hoist_global_flags(args: list[str]) -> list[str]:
+    """``--traceback`` is accepted anywhere before ``--`` (the error hint says "rerun with --traceback")."""
+    if "--traceback" not in args:
+        return args
+    cut = args.index("--") if "--" in args else len(args)
+    if "--traceback" not in args[:cut]:
+        return args
+    rest = [a for i, a in enumerate(args) if not (i < cut and a == "--traceback")]
+    return ["--traceback", *rest]
 
 
 class AdaptkitGroup(click.Group):
-    """Lazy built-in commands + plugin commands + one-line errors."""
+    """Commands from ``adaptkit_register_commands`` (built-ins and plugins alike) + one-line errors."""
+
+    def main(self, args: Any = None, *a: Any, **kw: Any) -> Any:  # type: ignore[override]
+        if args is None:
+            args = sys.argv[1:]
+        return super().main(_hoist_global_flags(list(args)), *a, **kw)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
-        names = {n for n, ref in BUILTIN_COMMANDS.items() if _module_available(ref)}
-        plugin_commands = get_host(ctx).plugin_commands(reserved=BUILTIN_COMMANDS)
-        return sorted(names | set(self.commands) | set(plugin_commands))
+        return sorted(set(self.commands) | set(get_host(ctx).plugin_commands()))
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
-        if cmd_name in BUILTIN_COMMANDS and _module_available(BUILTIN_COMMANDS[cmd_name]):
-            import importlib
-
-            module, _, attr = BUILTIN_COMMANDS[cmd_name].partition(":")
-            return getattr(importlib.import_module(module), attr)
         if cmd_name in self.commands:
             return self.commands[cmd_name]
-        return get_host(ctx).plugin_commands(reserved=BUILTIN_COMMANDS).get(cmd_name)
+        return get_host(ctx).plugin_commands().get(cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
+        _install_signal_handlers()
         try:
             return super().invoke(ctx)
         except AdaptkitError as exc:
@@ -75,7 +97,15 @@ class AdaptkitGroup(click.Group):
                 raise
             click.echo(f"error: {exc.one_line()}", err=True)
             ctx.exit(int(exc.exit_code))
-        except KeyboardInterrupt:
+        except BrokenPipeError:
+            _quiet_stdout()
+            ctx.exit(0)
+        except KeyboardInterrupt as exc:
+            from adaptkit.errors import Terminated
+
+            if isinstance(exc, Terminated):
+                click.echo("error: terminated (SIGTERM); nothing was left behind", err=True)
+                ctx.exit(int(ExitCode.TERMINATED))
             click.echo("error: interrupted", err=True)
             ctx.exit(int(ExitCode.INTERRUPTED))
         except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
@@ -90,7 +120,7 @@ class AdaptkitGroup(click.Group):
 
 EPILOG = (
     "Exit codes: 0 ok, 1 internal error, 2 usage, 3 config, 4 input checkpoint, 5 output, 6 plugin, "
-    "7 quality gate, 130 interrupted."
+    "7 quality gate, 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."
 )
 
 
@@ -107,4 +137,4 @@ def main(traceback: bool, plugin_options: tuple[str, ...]) -> None:
 
 
 def run() -> None:  # pragma: no cover - console entry point alias
-    sys.exit(main())
+    sys.exit(main(prog_name="adaptkit"))

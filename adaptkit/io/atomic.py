@@ -104,18 +104,22 @@ def _try_lock(p: Path) -> int | None:
 
 
 def clean_stale(target: str | os.PathLike[str]) -> list[Path]:
-    """Remove ``.<target>.adaptkit-tmp-*`` entries left by killed runs (those no live process holds locked)."""
+    """Remove the temporary folders that killed runs (SIGKILL, power loss) left beside ``target``: every
+    ``.<name>.adaptkit-tmp-*`` entry in ``target``'s folder that no live process holds locked (a running
+    publication keeps an exclusive ``flock`` on its folder until it is renamed into place)."""
     t = Path(os.path.abspath(target))
-    prefix = _tmp_prefix(t)
     removed: list[Path] = []
     try:
-        entries = [e for e in os.scandir(t.parent) if e.name.startswith(prefix)]
+        entries = [e for e in os.scandir(t.parent) if e.name.startswith(".") and TMP_MARK in e.name]
     except OSError:
         return removed
     for e in entries:
         p = Path(e.path)
         fd = _try_lock(p)
         if fd is None:
+            if not _is_real_dir(p) and os.path.lexists(p):  # a stray file: nobody locks files
+                _remove(p)
+                removed.append(p)
             continue  # a live run is writing it (or it is already gone)
         try:
             _remove(p)

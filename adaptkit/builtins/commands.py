@@ -1,0 +1,26 @@
+"""adaptkit's own commands, added through ``adaptkit_register_commands`` exactly like a plugin's.
+
+Each command module imports only click at module level (torch and friends are imported inside the command
+body), so registering them keeps ``adaptkit --help`` instant. Built-in commands are added before any
+plugin's, so a plugin command with a taken name is the one reported and dropped.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from adaptkit import hookimpl
+from adaptkit.registry import resolve_impl
+
+#: name -> "module:attribute" of every built-in command
+BUILTIN_COMMANDS: dict[str, str] = {
+    "inspect": "adaptkit.cli.inspect_cmd:inspect",
+    "merge": "adaptkit.cli.merge:merge",
+    "plugins": "adaptkit.cli.plugins_cmd:plugins",
+    "quantize": "adaptkit.cli.quantize:quantize",
+}
+
+
+@hookimpl
+def adaptkit_register_commands(cli: Any) -> None:
+    for name, ref in BUILTIN_COMMANDS.items():
+        cli.add_command(resolve_impl(ref), name)
