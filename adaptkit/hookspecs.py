@@ -85,14 +85,17 @@ def adaptkit_register_quantizers(registry: "QuantizerRegistry") -> None:
     * ``(module_name, result)`` exactly once for every name in ``request.targets`` (``"model.layers.0.
       self_attn.q_proj"``, no ``.weight``): a ``QuantizedLinear`` (integer codes, fp16-representable scales,
       integer zero points, ``g_idx``: ``W_hat = (codes - zeros[g_idx].T) * scales[g_idx].T``) or the result
-      type the chosen format documents (NF4: see :mod:`adaptkit.formats.nf4`);
+      type the chosen format declares as its ``ITEM`` (NF4: ``adaptkit.quantize.api.BlockwiseQuantized``);
     * optionally ``(tensor_name, torch.Tensor)`` replacing a non-quantized tensor of the same name and shape
       (AWQ folds its scales into norms and biases).
 
     The runner packs each result into the output format and streams it to disk the moment it arrives, copies
     every other tensor, writes ``config.json`` with ``quantization_config`` and publishes atomically.
-    Algorithms read fp32 weights with ``request.weight(module)``, calibration token ids with
-    ``request.calibration_ids(tokenizer)`` and report progress through the request.
+    Algorithms read fp32 weights with ``request.weight(module)``, the tokenizer with ``request.tokenizer()``
+    (a GGUF input writes its tokenizer files first), the model config as the loader presents it in
+    ``request.config``, calibration token ids with ``request.calibration_ids(tokenizer)``. The runner shows
+    one progress bar and advances it once per yielded target; ``request.report(status)`` sets its status
+    text (e.g. ``"layer 3/30"``).
 
     Declared capabilities: ``formats`` (core checkpoint formats it can produce, :data:`adaptkit.formats.
     FORMATS`; the first is the default), ``bits`` (widths it produces), ``accepts`` (which common options

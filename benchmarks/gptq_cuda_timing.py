@@ -42,7 +42,7 @@ def main(argv=None) -> int:
     import torch
 
     from adaptkit.testing.tiny import make_tiny_llama
-    from adaptkit_quant.driver import run_quantize
+    from adaptkit.quantize.runner import run_quantize
 
     with tempfile.TemporaryDirectory(prefix="adaptkit-gptq-timing-") as tmp:
         model = make_tiny_llama(Path(tmp) / "model", hidden_size=args.hidden, intermediate_size=args.intermediate,

@@ -91,9 +91,9 @@ def evaluate(model, tok, sentences, ref_pred=None, batch=16):
 
 def quantized_items(method, model_dir, ckpt, spec_kw, args):
     """[(name, QuantizedLinear | tensor)] from an adaptkit algorithm, in memory."""
+    from adaptkit.quantize.api import QuantizeRequest, QuantSpec
+    from adaptkit.quantize.runner import find_targets
     from adaptkit_quant import awq, gptq, rtn
-    from adaptkit_quant.api import QuantizeRequest, QuantSpec
-    from adaptkit_quant.driver import find_targets
 
     spec_kw = dict(spec_kw)
     options = {"n_grid": args.awq_grid, **spec_kw.pop("options", {})}
@@ -109,14 +109,15 @@ def quantized_items(method, model_dir, ckpt, spec_kw, args):
 
 
 def nf4_items(ckpt):
+    from adaptkit.formats import nf4 as nf4fmt
+    from adaptkit.quantize.runner import find_targets
     from adaptkit_quant import nf4
-    from adaptkit_quant.driver import find_targets
 
     out = []
     for t in find_targets(ckpt):
         w = ckpt.get(t + ".weight").float()
         q = nf4.quantize_nf4(w, blocksize=64, double_quant=True)
-        deq = nf4.dequantize_nf4(q["packed"], q["absmax"], q["code"], tuple(w.shape), blocksize=64,
+        deq = nf4fmt.dequantize_nf4(q["packed"], q["absmax"], q["code"], tuple(w.shape), blocksize=64,
                                  nested_absmax=q["nested_absmax"], nested_quant_map=q["nested_code"], offset=q["offset"])
         out.append((t + ".weight", deq))
     return out

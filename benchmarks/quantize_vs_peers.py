@@ -7,7 +7,7 @@ calibration token ids, in one run.
 
 * calibration: adaptkit's ``--calib`` windows (seeded) are computed once; adaptkit draws the very same
   windows (same source, seed, sizes) and the peers get them as token ids;
-* adaptkit: ``run_quantize(..., method="gptq"|"awq")`` writes a GPTQ v1 / AWQ GEMM checkpoint (the full CLI
+* adaptkit: ``adaptkit.quantize.runner.run_quantize(..., method="gptq"|"awq")`` writes a GPTQ v1 / AWQ GEMM checkpoint (the full CLI
   path, timed from the call to the renamed output folder);
 * the peers run in their own venv (``.venv-interop``, ``make test-interop`` builds it) as subprocesses:
   GPTQModel (``GPTQModel.load(...).quantize(...)``, then ``save``; ``GPTQMODEL_CPU_WORKERS`` = threads) and
@@ -104,9 +104,9 @@ def main(argv=None) -> int:
     sys.path.insert(0, str(HERE))
     import quant_quality as qq
 
-    from adaptkit_quant import calib
-    from adaptkit_quant.driver import run_quantize
-    from adaptkit_quant.loader import open_quantized
+    from adaptkit.quantize import calib
+    from adaptkit.formats.quantized import open_quantized
+    from adaptkit.quantize.runner import run_quantize
 
     torch.set_num_threads(args.threads)
     if args.model is None:
@@ -142,9 +142,11 @@ def main(argv=None) -> int:
 
     def adaptkit_run(method: str, out: Path, sym: bool) -> float:
         options = {"group_order": args.gptq_group_order} if method == "gptq" else None
+        # awq always writes a zero-point grid and takes neither --sym nor --damp: pass only what it accepts
+        common = {"sym": sym, "damp": args.damp} if method == "gptq" else {}
         t = time.perf_counter()
-        run_quantize(model_dir, out, method=method, bits=args.bits, group_size=args.group_size, sym=sym,
-                     damp=args.damp, calib="builtin" if args.calib_ids else args.calib, nsamples=args.nsamples,
+        run_quantize(model_dir, out, method=method, bits=args.bits, group_size=args.group_size, **common,
+                     calib="builtin" if args.calib_ids else args.calib, nsamples=args.nsamples,
                      seqlen=args.seqlen, seed=0, force=True, options=options)
         secs = time.perf_counter() - t
         print(f"adaptkit {method}: {secs:.1f}s", flush=True)

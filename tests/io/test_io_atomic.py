@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import fcntl
 import os
 import random
 import shutil
@@ -146,14 +147,20 @@ def test_stale_temp_dirs_cleaned_live_ones_kept(tmp_path):
     stale = tmp_path / f".out{TMP_MARK}deadbeef"
     stale.mkdir()
     (stale / "junk").write_text("x")
-    other = tmp_path / f".other{TMP_MARK}cafe"  # another target's temp: not ours to touch
-    other.mkdir()
-    with atomic_output_dir(target) as tmp:
-        assert not stale.exists()
-        # our own live temp folder survives a concurrent cleaner
-        assert clean_stale(target) == []
-        assert tmp.exists()
-    assert other.exists()
+    dead_other = tmp_path / f".other{TMP_MARK}cafe"  # another target's temp, left by a killed run
+    dead_other.mkdir()
+    live_other = tmp_path / f".third{TMP_MARK}f00d"  # another target's temp that a live run holds locked
+    live_other.mkdir()
+    fd = os.open(live_other, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        with atomic_output_dir(target) as tmp:
+            assert not stale.exists() and not dead_other.exists()
+            # our own live temp folder, and another live run's, survive a concurrent cleaner
+            assert clean_stale(target) == []
+            assert tmp.exists() and live_other.exists()
+    finally:
+        os.close(fd)
 
 
 CHILD = textwrap.dedent(

@@ -10,7 +10,7 @@ torch = pytest.importorskip("torch")
 from adaptkit.errors import ConfigError  # noqa: E402
 from adaptkit.io import open_checkpoint  # noqa: E402
 from adaptkit_quant import awq  # noqa: E402
-from adaptkit_quant.api import QuantizeRequest, QuantSpec  # noqa: E402
+from adaptkit.quantize.api import QuantizeRequest, QuantSpec  # noqa: E402
 
 
 def _hf_model(path):
@@ -40,7 +40,7 @@ def test_awq_grid_matches_reference():
     ours = awq.fake_quantize(w, 4, 32)
     assert torch.allclose(ours, ref_awq_fake_quant(w, 4, 32), atol=1e-6)
     ql = awq.quantize_linear(w, QuantSpec(bits=4, group_size=32, sym=False))
-    ql.validate("w", fmt="awq")
+    ql.validate("w")
     assert torch.allclose(ql.dequantize(), ours, atol=1e-6)
 
 
@@ -104,7 +104,7 @@ def test_clip_search_never_increases_group_error():
 
 
 def test_awq_quantizer_on_tiny_llama(tiny_llama):
-    from adaptkit_quant.driver import find_targets
+    from adaptkit.quantize.runner import find_targets
 
     path = tiny_llama()
     spec = QuantSpec(bits=4, group_size=32, sym=False)
@@ -125,7 +125,7 @@ def test_awq_quantizer_on_tiny_llama(tiny_llama):
     with torch.no_grad():
         for n, it in items:
             if hasattr(it, "codes"):
-                it.validate(n, fmt="awq")
+                it.validate(n)
                 sd[n + ".weight"].copy_(it.dequantize())
             else:
                 sd[n].copy_(it)

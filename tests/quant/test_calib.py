@@ -8,7 +8,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from adaptkit.errors import ConfigError  # noqa: E402
-from adaptkit_quant import calib  # noqa: E402
+from adaptkit.quantize import calib  # noqa: E402
 
 
 class CharTok:

@@ -49,7 +49,7 @@ def _interop_ok() -> bool:
 def test_gptqmodel_reads_our_gptq_v1(tiny_llama, tmp_path, adaptkit_pm, bits) -> None:
     from safetensors.torch import save_file
 
-    from adaptkit_quant.driver import run_quantize
+    from adaptkit.quantize.runner import run_quantize
 
     src = tiny_llama()
     q = tmp_path / "q"
@@ -96,7 +96,7 @@ def test_gptqmodel_reads_our_awq_gemm(tiny_llama, tmp_path, adaptkit_pm) -> None
     order or zero convention is off by whole steps."""
     from safetensors.torch import save_file
 
-    from adaptkit_quant.driver import run_quantize
+    from adaptkit.quantize.runner import run_quantize
     from adaptkit_quant.rtn import quantize_weight
 
     def rtn_as_awq(request):
@@ -105,7 +105,10 @@ def test_gptqmodel_reads_our_awq_gemm(tiny_llama, tmp_path, adaptkit_pm) -> None
 
     src = tiny_llama()
     q = tmp_path / "q"
-    run_quantize(src, q, method="awq", bits=4, group_size=32, sym=False, impl=rtn_as_awq, host=adaptkit_pm)
+    from adaptkit.registry import Quantizer
+
+    rtn_awq = Quantizer(name="rtn-as-awq", impl=rtn_as_awq, formats=("awq",), accepts=("bits", "group_size", "sym"))
+    run_quantize(src, q, quantizer=rtn_awq, bits=4, group_size=32, sym=False, host=adaptkit_pm)
     qc = adaptkit_pm.open_model(q)
     ref = {}
     for n in qc.dequantized_names:

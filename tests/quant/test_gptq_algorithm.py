@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 
 from adaptkit.errors import CheckpointError  # noqa: E402
 from adaptkit_quant import gptq  # noqa: E402
-from adaptkit_quant.api import QuantSpec  # noqa: E402
+from adaptkit.quantize.api import QuantSpec  # noqa: E402
 
 
 # -- an independent reference ------------------------------------------------------------------------------

@@ -7,12 +7,12 @@ torch = pytest.importorskip("torch")
 
 from adaptkit.io import open_checkpoint  # noqa: E402
 from adaptkit_quant import gptq, rtn  # noqa: E402
-from adaptkit_quant.api import QuantizeRequest, QuantSpec  # noqa: E402
+from adaptkit.quantize.api import QuantizeRequest, QuantSpec  # noqa: E402
 from adaptkit_quant.layerwise import LayerwiseModel  # noqa: E402
 
 
 def _request(path, ckpt, spec, **kw):
-    from adaptkit_quant.driver import find_targets
+    from adaptkit.quantize.runner import find_targets
 
     return QuantizeRequest(
         model_dir=path, out_dir=path.parent / "unused", method="gptq", spec=spec, calib=kw.pop("calib", "builtin"),
@@ -98,7 +98,7 @@ def test_gptq_act_order_stream_g_idx(tiny_llama):
         items = dict(gptq.quantize(_request(path, ckpt, spec, nsamples=4)))
     ql = items["model.layers.1.mlp.down_proj"]
     assert sorted(torch.bincount(ql.g_idx.long()).tolist()) == [32] * (128 // 32)
-    ql.validate("down", fmt="gptq")
+    ql.validate("down")
 
 
 @pytest.mark.slow
@@ -119,7 +119,7 @@ def test_stream_equals_true_sequential_gptq_on_the_full_model(tiny_llama):
     each module quantized on its own with the per-matrix ``gptq_quantize`` (tested against float64 above)."""
     from transformers import AutoTokenizer
 
-    from adaptkit_quant import calib
+    from adaptkit.quantize import calib
 
     path = tiny_llama(num_layers=2, hidden_size=64, intermediate_size=128)
     spec = QuantSpec(bits=4, group_size=32, sym=False)

@@ -8,9 +8,16 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from adaptkit_quant.api import QuantSpec  # noqa: E402
-from adaptkit_quant.driver import run_quantize  # noqa: E402
+from adaptkit.quantize.api import QuantSpec  # noqa: E402
+from adaptkit.quantize.runner import run_dequantize, run_quantize  # noqa: E402
+from adaptkit.registry import Quantizer  # noqa: E402
 from adaptkit_quant.rtn import quantize_weight  # noqa: E402
+
+
+def _quantizer(fn, fmt: str = "gptq") -> Quantizer:
+    """An in-process quantizer around ``fn`` (what a third-party plugin would register)."""
+    return Quantizer(name=fn.__name__.replace("_", "-"), impl=fn, formats=(fmt,), bits=(2, 3, 4, 8) if fmt == "gptq" else (4,),
+                     accepts=("bits", "group_size", "sym"))
 
 
 def _unpack_ref(words: list[int], bits: int, n: int) -> list[int]:
@@ -79,7 +86,7 @@ def test_dequantize_command_writes_float_model(tiny_llama, tmp_path, adaptkit_pm
     q = tmp_path / "q"
     run_quantize(src, q, method="rtn", bits=4, group_size=32, host=adaptkit_pm)
     d = tmp_path / "d"
-    res = run_quantize(q, d, method="dequantize", host=adaptkit_pm)
+    res = run_dequantize(q, d, host=adaptkit_pm)
     assert res.format == "float"
     cfg = json.loads((d / "config.json").read_text())
     assert "quantization_config" not in cfg and not (d / "quantize_config.json").exists()
@@ -89,7 +96,7 @@ def test_dequantize_command_writes_float_model(tiny_llama, tmp_path, adaptkit_pm
         for n in ck.names():
             assert torch.equal(ck.get(n), qc.get(n)), n
     # the dequantized model quantizes again (it is a plain model now)
-    run_quantize(d, tmp_path / "q2", method="rtn", bits=4, group_size=32, host=adaptkit_pm)
+    run_quantize(d, tmp_path / "q2", method="rtn", bits=4, group_size=32, host=adaptkit_pm, show_progress=False)
 
 
 def test_awq_writer_and_loader(tiny_llama, tmp_path, adaptkit_pm) -> None:
@@ -104,7 +111,8 @@ def test_awq_writer_and_loader(tiny_llama, tmp_path, adaptkit_pm) -> None:
             yield m, quantize_weight(request.weight(m), request.spec)
 
     out = tmp_path / "awq"
-    res = run_quantize(src, out, method="awq", bits=4, group_size=32, sym=False, impl=fake_awq, host=adaptkit_pm)
+    res = run_quantize(src, out, quantizer=_quantizer(fake_awq, "awq"), bits=4, group_size=32, sym=False,
+                       host=adaptkit_pm)
     assert res.format == "awq"
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg == {"quant_method": "awq", "version": "gemm", "zero_point": True, "bits": 4, "group_size": 32,
@@ -158,7 +166,7 @@ def test_failing_quantizer_leaves_nothing(tiny_llama, tmp_path, adaptkit_pm) -> 
                            (bad_zero, AdaptkitError, "zero points outside 1..15")]:
         out = tmp_path / impl.__name__
         with pytest.raises(exc, match=msg):
-            run_quantize(src, out, method="rtn", group_size=32, sym=False, impl=impl, host=adaptkit_pm)
+            run_quantize(src, out, quantizer=_quantizer(impl), group_size=32, sym=False, host=adaptkit_pm)
         assert not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith("."))
 
@@ -181,7 +189,7 @@ def test_sharded_output_and_nf4_dequantize(tiny_llama, tmp_path, adaptkit_pm) ->
     n = tmp_path / "n"
     run_quantize(src, n, method="nf4", host=adaptkit_pm)
     d = tmp_path / "d"
-    run_quantize(n, d, method="dequantize", host=adaptkit_pm)
+    run_dequantize(n, d, host=adaptkit_pm)
     qn = adaptkit_pm.open_model(n)
     with open_checkpoint(d) as ck, open_checkpoint(src) as orig:
         assert sorted(ck.names()) == sorted(orig.names())

@@ -5,7 +5,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from adaptkit_quant.api import QuantSpec  # noqa: E402
+from adaptkit.quantize.api import QuantSpec  # noqa: E402
 from adaptkit_quant.rtn import quantize_weight  # noqa: E402
 
 

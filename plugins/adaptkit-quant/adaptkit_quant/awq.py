@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from adaptkit.errors import ConfigError
 
-from adaptkit_quant.api import QuantizedLinear, QuantSpec
+from adaptkit.quantize.api import QuantizedLinear, QuantSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -24,7 +24,7 @@ Details (defaults in specs/quantization.md):
   of ``group_size`` columns *in processing order*, and ``g_idx[i]`` records the group of original column
   ``i``. With ``static_groups`` the groups are the original contiguous column ranges, their parameters
   computed from the original weights before the recursion.
-* the grid is the shared GPTQ convention of ``adaptkit_quant.api`` (scales rounded to fp16 first, range
+* the grid is the shared GPTQ convention of ``adaptkit.quantize.api`` (scales rounded to fp16 first, range
   includes 0, sym zero = 2^(bits-1), asym zero >= 1 so that GPTQ v1 can store zero-1).
 """
 from __future__ import annotations
@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 from adaptkit.errors import CheckpointError, ConfigError
 
-from adaptkit_quant.api import QuantizedLinear, QuantSpec
+from adaptkit.quantize.api import QuantizedLinear, QuantSpec
+from adaptkit_quant.layerwise import HessianAccumulator  # noqa: F401 - re-exported (GPTQ's H = 2/n X Xᵀ)
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -64,34 +65,6 @@ def quantize_codes(w: "torch.Tensor", scale: "torch.Tensor", zero: "torch.Tensor
         scale = scale.unsqueeze(1)
         zero = zero.unsqueeze(1)
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hessian accumulation
-# ---------------------------------------------------------------------------------------------------------
-class HessianAccumulator:
-    """``H = 2/n · Σ x xᵀ`` over all calibration tokens fed through ``add`` (float64 sum)."""
-
-    def __init__(self, columns: int, device: Any = "cpu") -> None:
-        import torch
-
-        self.columns = columns
-        self.sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
-        self.n = 0
-
-    def add(self, x: "torch.Tensor") -> None:
-        import torch
-
-        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
-        if x.shape[1] != self.columns:
-            raise ValueError(f"HessianAccumulator: expected {self.columns} input features, got {x.shape[1]}")
-        self.sum += (x.T @ x).to(torch.float64)
-        self.n += int(x.shape[0])
-
-    def hessian(self) -> "torch.Tensor":
-        if self.n == 0:
-            raise ValueError("HessianAccumulator: no calibration tokens were seen")
-        return self.sum * (2.0 / self.n)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def resolve_device(device: str | None) -> "torch.device":
 class LayerwiseModel:
     """A meta-device transformers model whose decoder layers are loaded one at a time (see module doc)."""
 
-    def __init__(self, model_dir: str | Path, checkpoint: Any, *, device: str = "cpu") -> None:
+    def __init__(self, model_dir: str | Path, checkpoint: Any, *, device: str = "cpu",
+                 config: dict[str, Any] | None = None) -> None:
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -65,10 +66,17 @@ class LayerwiseModel:
         self.checkpoint = checkpoint
         self.device = resolve_device(device)
         self.dtype = torch.float32
+        # the config as the loader presents it (a GGUF file has no config.json; a quantized folder's config
+        # without quantization_config), else config.json beside the weights
+        config = config if config is not None else getattr(checkpoint, "config", None)
         try:
-            self.config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
+            if config is not None:
+                cfg = {k: v for k, v in config.items() if k not in ("quantization_config", "model_type")}
+                self.config = AutoConfig.for_model(config.get("model_type", "llama"), **cfg)
+            else:
+                self.config = AutoConfig.from_pretrained(str(self.model_dir), local_files_only=True)
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"{self.model_dir}: cannot read config.json ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{self.model_dir}: cannot read the model config ({type(e).__name__}: {e})") from None
         try:
             with torch.device("meta"):
                 self.model = AutoModelForCausalLM.from_config(self.config, dtype=torch.float32, attn_implementation="sdpa")
@@ -87,18 +95,16 @@ class LayerwiseModel:
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
     def from_request(cls, request: Any, *, batch_tokens: int = DEFAULT_BATCH_TOKENS) -> "LayerwiseModel":
-        from adaptkit_quant import calib
-
         checkpoint = request.checkpoint
         own = None
         if checkpoint is None:
             from adaptkit.io import open_checkpoint
 
             checkpoint = own = open_checkpoint(request.model_dir)
-        lw = cls(request.model_dir, checkpoint, device=request.device)
+        lw = cls(request.model_dir, checkpoint, device=request.device, config=request.config)
         lw._own_checkpoint = own
-        tokenizer = calib.load_tokenizer(request.model_dir)
-        ids = request.calibration_ids(tokenizer) if hasattr(request, "calibration_ids") else calib.calibration_ids(request, tokenizer)
+        tokenizer = request.tokenizer()
+        ids = request.calibration_ids(tokenizer)
         request.report(f"calibration: {ids.shape[0]} samples x {ids.shape[1]} tokens ({request.calib})")
         lw.catch_inputs(ids, batch_tokens=batch_tokens)
         return lw
@@ -299,6 +305,35 @@ def discover_groups(lw: LayerwiseModel, idx: int, layer: Any, targets: list[str]
     return result
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Hessian accumulation
+# ---------------------------------------------------------------------------------------------------------
+class HessianAccumulator:
+    """``H = 2/n · Σ x xᵀ`` over all calibration tokens fed through ``add`` (float64 sum)."""
+
+    def __init__(self, columns: int, device: Any = "cpu") -> None:
+        import torch
+
+        self.columns = columns
+        self.sum = torch.zeros(columns, columns, dtype=torch.float64, device=device)
+        self.n = 0
+
+    def add(self, x: "torch.Tensor") -> None:
+        import torch
+
+        x = x.detach().reshape(-1, x.shape[-1]).to(device=self.sum.device, dtype=torch.float32)
+        if x.shape[1] != self.columns:
+            raise ValueError(f"HessianAccumulator: expected {self.columns} input features, got {x.shape[1]}")
+        self.sum += (x.T @ x).to(torch.float64)
+        self.n += int(x.shape[0])
+
+    def hessian(self) -> "torch.Tensor":
+        if self.n == 0:
+            raise ValueError("HessianAccumulator: no calibration tokens were seen")
+        return self.sum * (2.0 / self.n)
+
+
+
 GroupFn = Callable[[list[str], "torch.Tensor", dict[str, Any]], dict[str, tuple[Any, "torch.Tensor"]]]
 
 
@@ -310,8 +345,6 @@ def collect_hessians(lw: LayerwiseModel, idx: int, layer: Any, input_sets: list[
     compute anything. A set whose modules never run gets the identity (no calibration information: plain
     rounding)."""
     import torch
-
-    from adaptkit_quant.gptq import HessianAccumulator
 
     mods = lw.modules(idx)
     accs = {}

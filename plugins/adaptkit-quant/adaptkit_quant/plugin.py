@@ -1,11 +1,13 @@
-"""The ``adaptkit`` entry point of adaptkit-quant: registers quantizers and quantized-checkpoint loaders.
+"""The ``adaptkit`` entry point of adaptkit-quant: registers the quantizers rtn, nf4, gptq and awq.
 
+Each declares what the core runner needs to know (``formats``, ``bits``, ``accepts``, ``needs_calibration``,
+``params``); the formats they write and the loader that reads them back are core (``adaptkit.formats``).
 Imports nothing heavy: implementations are named lazily (``"module:function"``).
 """
 from __future__ import annotations
 
 from adaptkit import hookimpl
-from adaptkit.registry import Loader, Param, Quantizer
+from adaptkit.registry import Param, Quantizer
 
 QUANTIZERS = (
     Quantizer(
@@ -13,6 +15,8 @@ QUANTIZERS = (
         impl="adaptkit_quant.rtn:quantize",
         description="round-to-nearest baseline: group-wise min/max grid, sym/asym, 2/3/4/8 bits; GPTQ v1 format",
         formats=("gptq",),
+        bits=(2, 3, 4, 8),
+        accepts=("bits", "group_size", "sym", "partial_groups"),
     ),
     Quantizer(
         name="nf4",
@@ -28,6 +32,8 @@ QUANTIZERS = (
                   help="double-quant code choice: bitsandbytes' CPU kernel (65536-point grid) or exact nearest"),
         ),
         formats=("bnb-nf4",),
+        bits=(4,),
+        accepts=("bits",),  # blocks of -o blocksize values, not groups; always symmetric (absmax)
     ),
     Quantizer(
         name="gptq",
@@ -42,6 +48,9 @@ QUANTIZERS = (
                        "'natural' = the paper's left-to-right order"),
         ),
         formats=("gptq",),
+        bits=(2, 3, 4, 8),
+        accepts=("bits", "group_size", "sym", "act_order", "damp", "partial_groups"),
+        needs_calibration=True,
     ),
     Quantizer(
         name="awq",
@@ -54,16 +63,9 @@ QUANTIZERS = (
                   help="scale candidates from activation and weight statistics (AutoAWQ's duo_scaling)"),
         ),
         formats=("awq",),
-    ),
-)
-
-LOADERS = (
-    Loader(
-        name="quantized",
-        impl="adaptkit_quant.loader:open_quantized",
-        detect="adaptkit_quant.loader:detect",
-        priority=50,
-        description="GPTQ v1/v2, AWQ GEMM and bitsandbytes NF4/FP4 safetensors checkpoints, dequantized on load",
+        bits=(4,),
+        accepts=("bits", "group_size"),  # always a zero-point grid (the AWQ GEMM format)
+        needs_calibration=True,
     ),
 )
 
@@ -73,8 +75,3 @@ def adaptkit_register_quantizers(registry) -> None:  # noqa: ANN001
     for q in QUANTIZERS:
         registry.register(q)
 
-
-@hookimpl
-def adaptkit_register_loaders(registry) -> None:  # noqa: ANN001
-    for loader in LOADERS:
-        registry.register(loader)

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterator
 
-from adaptkit_quant.api import QuantizedLinear, QuantizeRequest, QuantSpec
+from adaptkit.quantize.api import QuantizedLinear, QuantizeRequest, QuantSpec
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch

@@ -1,9 +1,12 @@
-"""Calibration data for GPTQ and AWQ: ``nsamples`` token windows of ``seqlen`` tokens, drawn with the seed.
+"""Calibration data for quantizers that declare ``needs_calibration`` (GPTQ, AWQ, third-party ones):
+``nsamples`` token windows of ``seqlen`` tokens, drawn with the seed. Core, not a plugin, so that every
+quantizer gets the same sources through ``QuantizeRequest.calibration_ids`` and the runner can validate
+``--calib`` before anything is loaded.
 
 Sources (``QuantizeRequest.calib``):
 
 * ``"builtin"`` (default) -- real English prose, ~2.9 MB, from the test data inside gensim's wheel (a
-  dependency of adaptkit-quant; read as files, gensim is never imported): the 300 news articles of the Lee
+  dependency of adaptkit-quant, optional for core; read as files, gensim is never imported): the 300 news articles of the Lee
   corpus (``lee_background.cor``) followed by the 96 longest articles of the shortened English Wikipedia
   dump (wikitext reduced to its prose paragraphs: templates, tables, references, file links and list
   lines removed). Disjoint from FLORES+, which the quality benchmark evaluates on.
@@ -58,7 +61,7 @@ def gensim_test_data(name: str, source: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise ConfigError(
             f"--calib {source} reads real text shipped in gensim's wheel, and gensim is not installed "
-            "(pip install gensim, a dependency of adaptkit-quant), or pass --calib FILE.jsonl"
+            "(pip install gensim; adaptkit-quant depends on it), or pass --calib FILE.jsonl"
         )
     path = Path(list(spec.submodule_search_locations)[0]) / "test" / "test_data" / name
     if not path.is_file():
@@ -198,7 +201,7 @@ def sample_windows(ids: "torch.Tensor", nsamples: int, seqlen: int, seed: int, *
 
 
 def calibration_ids(request: Any, tokenizer: Any) -> "torch.Tensor":
-    """``[request.nsamples, request.seqlen]`` int64 token ids for ``request.calib`` (the driver's hook)."""
+    """``[request.nsamples, request.seqlen]`` int64 token ids for ``request.calib`` (``QuantizeRequest.calibration_ids``)."""
     label, texts = load_texts(request.calib)
     ids = tokenize_texts(texts, tokenizer)
     return sample_windows(ids, int(request.nsamples), int(request.seqlen), int(request.seed), label=label)
@@ -217,3 +220,43 @@ def load_tokenizer(model_dir: str | Path) -> Any:
             f"{model_dir}: cannot load the tokenizer needed for calibration ({type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''})"
         ) from None
+
+
+def validate_source(calib: str | None, nsamples: int, seqlen: int) -> None:
+    """Cheap checks of the calibration source before any model is loaded (the algorithm tokenizes it)."""
+    if nsamples < 1:
+        raise ConfigError(f"--nsamples {nsamples} must be >= 1")
+    if seqlen < 8:
+        raise ConfigError(f"--seqlen {seqlen} must be >= 8")
+    if calib in (None, "") or calib in BUILTIN_SOURCES:
+        return  # built-in sources are checked when they are read
+    p = Path(calib)
+    if not p.is_file():
+        raise ConfigError(
+            f"{calib}: calibration file not found (give a .jsonl file with a 'text' field per line, or one of "
+            f"{', '.join(BUILTIN_SOURCES)})"
+        )
+    texts = 0
+    chars = 0
+    with p.open("r", encoding="utf-8", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{calib}:{lineno}: not valid JSON ({e.msg})") from None
+            text = row.get("text") if isinstance(row, dict) else row if isinstance(row, str) else None
+            if not isinstance(text, str):
+                raise ConfigError(f"{calib}:{lineno}: each line must be a JSON object with a string 'text' field")
+            texts += 1
+            chars += len(text)
+    if texts == 0:
+        raise ConfigError(f"{calib}: calibration file is empty (no JSON lines with a 'text' field)")
+    # a token is at least one character: fewer characters than one sequence can never fill a sample
+    if chars < seqlen:
+        raise ConfigError(
+            f"{calib}: calibration text is too short ({chars} characters in {texts} lines; need at least "
+            f"--seqlen {seqlen} tokens for one sample)"
+        )
