@@ -38,6 +38,14 @@ LOADERS = (
         description="GPTQ v1/v2, AWQ GEMM and bitsandbytes NF4/FP4/int8 safetensors checkpoints, dequantized on load",
     ),
     Loader(
+        name="peft-adapter",
+        impl="adaptkit.adapters.loader:open_peft_adapter",
+        detect="adaptkit.formats.peft:detect",
+        priority=60,
+        description="PEFT adapter folders (adapter_config.json + adapter_model.safetensors): the adapter's own "
+                    "tensors, for inspect; merge them with merge-adapter",
+    ),
+    Loader(
         name="gguf",
         impl="adaptkit.formats.gguf:open_gguf",
         detect="adaptkit.formats.gguf:detect",

@@ -74,6 +74,9 @@ def inspect(path: Path, tensors: bool, allow_pickle: bool, as_json: bool) -> Non
                 "stored_dtypes": stored,
                 "dequantized_on_load": True,
             }
+        summary = getattr(ckpt, "adapter_summary", None)
+        if callable(summary):  # a PEFT adapter folder: type, ranks, alpha, targets, recorded QLoRA base
+            doc["adapter"] = summary()
         if tensors:
             doc["tensor_list"] = [{"name": i.name, "dtype": i.dtype, "shape": list(i.shape)} for i in infos]
     finally:
@@ -99,5 +102,10 @@ def inspect(path: Path, tensors: bool, allow_pickle: bool, as_json: bool) -> Non
     click.echo(("dequantized dtypes: " if q else "dtypes: ") + ", ".join(f"{k} x{v}" for k, v in doc["dtypes"].items()))
     if doc["architecture"]:
         click.echo(f"architecture: {doc['architecture']}")
+    if doc.get("adapter"):
+        a = doc["adapter"]
+        shown = {k: v for k, v in a.items() if k in ("peft_type", "r", "ranks", "lora_alpha", "alpha", "target_modules",
+                                                     "mergeable", "base_quantization", "num_virtual_tokens")}
+        click.echo("adapter: " + ", ".join(f"{k} {v}" for k, v in shown.items()))
     for t in doc.get("tensor_list", []):
         click.echo(f"  {t['name']}  {t['dtype']}  {tuple(t['shape'])}")
