@@ -5,7 +5,7 @@ Merge configs accept mergekit's YAML schema (``merge_method``, ``base_model``, `
 ``chat_template``) plus one adaptkit extension, ``exclude`` (glob patterns of input tensors deliberately
 left out of the output). A typo'd key is a :class:`~adaptkit.errors.ConfigError` naming the nearest valid
 key; parameter *values* are validated later against the merge method's declared ``Param`` s (see
-:mod:`adaptkit.merge.plan`), because the valid names depend on the method.
+:mod:`adaptkit.merge.params`), because the valid names depend on the method.
 
 This module imports no torch. The full schema is documented in ``specs/merge-config.md``.
 """

@@ -3,6 +3,9 @@
 Nothing here imports torch: ``impl`` strings are resolved when a method is first used. Parameter names,
 scopes and defaults follow mergekit 0.1.5 so its YAML configs keep their meaning; extra parameters select
 the paper variants. Formulas and defaults: specs/merge-math.md.
+
+What the engine may do with a method is declared here (``row_separable``, ``propagates_nonfinite``,
+``in_place``, ``identity_params``; see :class:`adaptkit.registry.MergeMethod`), never inferred from its name.
 """
 from __future__ import annotations
 
@@ -76,7 +79,8 @@ def _rescale(default: bool) -> Param:
     )
 
 
-def _gta(name, func, *, normalize, rescale, consensus, extra=(), randomized=False, description=""):
+def _gta(name, func, *, normalize, rescale, consensus, extra=(), randomized=False, row_separable=False,
+         description=""):
     params = [WEIGHT, DENSITY, _normalize(normalize), _rescale(rescale), RESCALE_MODE, NORMALIZE_BY, LAMBDA, INT8_MASK]
     if consensus:
         params += [CONSENSUS, SIGN_ELECTION, ELECTION_PRECISION]
@@ -88,6 +92,8 @@ def _gta(name, func, *, normalize, rescale, consensus, extra=(), randomized=Fals
         requires_base=True,
         randomized=randomized,
         min_models=1,
+        row_separable=row_separable,
+        in_place=True,  # task vectors computed in the engine's own upcast copies, the result written into base
         description=description,
     )
 
@@ -101,6 +107,8 @@ BUILTIN_METHODS: tuple[MergeMethod, ...] = (
         requires_base=False,
         uses_base=False,
         min_models=1,
+        row_separable=True,
+        propagates_nonfinite=True,  # sum_i w_i x_i: NaN/Inf in any input (even with weight 0) reaches the result
         description="weighted average of the models (model soups)",
     ),
     MergeMethod(
@@ -129,6 +137,7 @@ BUILTIN_METHODS: tuple[MergeMethod, ...] = (
         description="spherical interpolation of two models (of their task vectors if a base is given)",
     ),
     _gta("task_arithmetic", "task_arithmetic", normalize=False, rescale=False, consensus=False,
+         row_separable=f"{_M}.task_arithmetic:rows_independent",
          description="base + lambda * weighted sum of task vectors"),
     _gta("ties", "ties", normalize=True, rescale=False, consensus=True, extra=(TIEBREAK,),
          description="TIES: magnitude trim, sign election, disjoint merge"),
@@ -162,6 +171,7 @@ BUILTIN_METHODS: tuple[MergeMethod, ...] = (
         uses_base=False,
         min_models=1,
         max_models=1,
+        identity_params=(("scale", 1.0),),  # scale 1: the tensor is copied as stored, without any math
         description="copy the tensor of the single model (frankenmerge slices)",
     ),
 )

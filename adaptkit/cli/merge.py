@@ -2,44 +2,11 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import click
-
-
-class _Progress:
-    """One status line on stderr: rewritten in place on a terminal, a line every few seconds otherwise."""
-
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.last = 0.0
-        self.t0 = time.perf_counter()
-        self.wrote = False
-
-    def __call__(self, done: int, total: int, done_bytes: int, total_bytes: int) -> None:
-        if not self.enabled:
-            return
-        now = time.perf_counter()
-        final = done == total
-        if not final and now - self.last < (0.2 if self.tty else 5.0):
-            return
-        self.last = now
-        from adaptkit.io import format_size
-
-        line = (
-            f"merging: {done}/{total} tensors, {format_size(done_bytes)} / {format_size(total_bytes)} written, "
-            f"{now - self.t0:.1f}s"
-        )
-        if self.tty:
-            sys.stderr.write("\r" + line + ("\n" if final else ""))
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-        self.wrote = True
 
 
 def _size(value: str) -> int:
@@ -77,7 +44,7 @@ def merge(config_file: Path, out: Path, device: str, threads: Optional[int], see
     Every tensor of every input is merged, passed through, or excluded by an explicit config rule;
     math is done in fp32 and rounded once; OUT appears atomically (nothing is left there on error).
     """
-    from adaptkit.merge.engine import tune_allocator, tune_openmp
+    from adaptkit.merge.runtime import tune_allocator, tune_openmp
 
     tune_openmp()  # before torch is imported
     tune_allocator()  # before torch is imported
@@ -91,7 +58,7 @@ def merge(config_file: Path, out: Path, device: str, threads: Optional[int], see
     cfg = load_merge_config(config_file)
     check_output_target(out, force)
     t0 = time.perf_counter()
-    plan = build_plan(cfg, config_file, host.mergers, seed=seed, allow_pickle=allow_pickle)
+    plan = build_plan(cfg, config_file, host.mergers, host=host, seed=seed, allow_pickle=allow_pickle)
     try:
         summary = plan.summary(device)
         if dry_run:
@@ -99,29 +66,20 @@ def merge(config_file: Path, out: Path, device: str, threads: Optional[int], see
             if as_json:
                 click.echo(json.dumps(summary, indent=2))
             else:
-                kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["tensor_kinds"].items()))
-                click.echo(f"plan: {summary['method']} of {len(summary['models'])} models -> {out}")
-                click.echo(f"  tensors: {summary['tensors']} ({kinds}); excluded by config: {summary['excluded']}")
-                for reason, n in sorted(summary["excluded_reasons"].items()):
-                    click.echo(f"    {n} excluded: {reason}")
-                click.echo(f"  read: {format_size(summary['bytes_read'])}, write: {format_size(summary['bytes_written'])}")
-                click.echo(f"  estimated peak memory: {format_size(summary['peak_memory_estimate'])}")
-                if summary["num_hidden_layers"] is not None:
-                    click.echo(f"  output layers: {summary['num_hidden_layers']}")
-                for note in summary["notes"]:
-                    click.echo(f"  note: {note}")
+                _print_plan(summary, out, format_size)
             return
 
-        from adaptkit.merge.engine import run_merge
+        from adaptkit.merge.engine import run_merge_step
+        from adaptkit.progress import Progress
 
-        progress = _Progress(enabled=not quiet)
+        bar = Progress(len(plan.tasks), "merging", unit="tensors", enabled=not quiet)
 
-        def _run() -> object:
-            return run_merge(plan, out, device=device, threads=threads, max_shard_size=shard, force=force,
-                             progress=progress)
+        def progress(done: int, total: int, done_bytes: int, total_bytes: int) -> None:
+            bar.update(done, status=f"{format_size(done_bytes)} / {format_size(total_bytes)} written")
 
-        result = host.run_step("merge", cfg.merge_method, _run, config=str(config_file), output=str(out),
-                               device=device)
+        with bar:
+            result = run_merge_step(host, plan, out, info={"config": str(config_file)}, device=device,
+                                    threads=threads, max_shard_size=shard, force=force, progress=progress)
         doc = result.as_dict()
         doc["excluded_reasons"] = summary["excluded_reasons"]
         if as_json:
@@ -134,3 +92,22 @@ def merge(config_file: Path, out: Path, device: str, threads: Optional[int], see
             )
     finally:
         plan.close()
+
+
+def _print_plan(summary: dict, out: Path, format_size: Callable[[int], str]) -> None:
+    kinds = ", ".join(f"{n} {k}" for k, n in sorted(summary["tensor_kinds"].items()))
+    click.echo(f"plan: {summary['method']} of {len(summary['models'])} models -> {out}")
+    for m in summary["models"]:
+        how = m["loader"]
+        if m["dequantized"]:
+            how += f", dequantized from {m['source_format']}"
+        click.echo(f"  model {m['ref']!r}{' (base)' if m['base'] else ''}: {m['path']} [{how}]")
+    click.echo(f"  tensors: {summary['tensors']} ({kinds}); excluded by config: {summary['excluded']}")
+    for reason, n in sorted(summary["excluded_reasons"].items()):
+        click.echo(f"    {n} excluded: {reason}")
+    click.echo(f"  read: {format_size(summary['bytes_read'])}, write: {format_size(summary['bytes_written'])}")
+    click.echo(f"  estimated peak memory: {format_size(summary['peak_memory_estimate'])}")
+    if summary["num_hidden_layers"] is not None:
+        click.echo(f"  output layers: {summary['num_hidden_layers']}")
+    for note in summary["notes"]:
+        click.echo(f"  note: {note}")

@@ -9,7 +9,7 @@ The order of every addition is therefore a function of the tensor's length only.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -42,15 +42,6 @@ def det_sum(x: "torch.Tensor") -> float:
         head = parts[: r * _ROW].view(r, _ROW).sum(dim=1)
         parts = torch.cat([head, parts[r * _ROW :].sum().reshape(1)]) if r * _ROW < m else head
     return float(parts.sum())
-
-
-def det_sum_chunked(x: "torch.Tensor", fn: Callable[["torch.Tensor"], "torch.Tensor"], chunk: int = CHUNK) -> float:
-    """``det_sum(fn(x))`` computed over fixed chunks of the flattened ``x`` (bounded temporaries)."""
-    flat = x.reshape(-1)
-    total = 0.0
-    for s in range(0, flat.numel(), chunk):
-        total += det_sum(fn(flat[s : s + chunk]))
-    return total
 
 
 def det_rowsum(x: "torch.Tensor") -> "torch.Tensor":

@@ -29,6 +29,10 @@ class MergeInputs:
     tensor or ``None``. ``params[i]`` are the resolved per-model parameters of ``tensors[i]`` (scope
     ``model``/``both``, gradients already interpolated for this tensor's layer); ``global_params`` the
     resolved global ones. Every declared parameter is present (defaults filled in).
+
+    ``owned`` is true when the tensors (and ``base``) are the engine's own upcast copies, read by nobody after
+    the call: set only for methods that declare ``in_place`` (:class:`~adaptkit.registry.MergeMethod`), which
+    may then overwrite them (compute task vectors in place, write the result into ``base``).
     """
 
     name: str
@@ -40,6 +44,7 @@ class MergeInputs:
     seed: int = 0
     layer_index: int | None = None
     stats: Counter = field(default_factory=Counter)
+    owned: bool = False
 
     def generator(self, model_index: int, device: Any = "cpu") -> "torch.Generator":
         """A torch.Generator seeded from (seed, tensor name, model index) on ``device``."""

@@ -1,91 +1,48 @@
 """Planning a merge from tensor headers only.
 
-``build_plan(config, config_path, registry)`` resolves the models named by a :class:`~adaptkit.config.MergeConfig`
-(local folders only), opens their checkpoints lazily (headers, no tensor data), validates the merge
-method's parameters, and produces a :class:`MergePlan`: one :class:`TensorTask` per output tensor with its
-inputs, resolved parameters, output dtype and shape, plus the list of input tensors deliberately left out
-and why. The accounting rule: *every* tensor of every input is merged, passed through, or excluded by an
-explicit config rule (``exclude`` patterns, a slice's ``layer_range``, a tied ``lm_head``); anything else
-is an error listing the tensors. No architecture table is involved: the tensor names come from the
-headers, so nothing is silently dropped.
+``build_plan(config, config_path, registry, host=...)`` opens the models named by a
+:class:`~adaptkit.config.MergeConfig` through the host's loader registry (lazily: headers, no tensor data),
+validates the merge method's parameters, and produces a :class:`MergePlan`: one
+:class:`~adaptkit.merge.tasks.TensorTask` per output tensor with its inputs, resolved parameters, output dtype
+and shape, plus the list of input tensors deliberately left out and why. The accounting rule: *every* tensor
+of every input is merged, passed through, or excluded by an explicit config rule (``exclude`` patterns, a
+slice's ``layer_range``, a tied ``lm_head``); anything else is an error listing the tensors. No architecture
+table is involved: the tensor names come from the headers, so nothing is silently dropped.
 
-Imports no torch.
+The pieces live beside this module: :mod:`~adaptkit.merge.models` (references, opening),
+:mod:`~adaptkit.merge.params` (parameter values per tensor), :mod:`~adaptkit.merge.slices` (which inputs make
+which output tensor), :mod:`~adaptkit.merge.tied` (embedding tying), :mod:`~adaptkit.merge.output_config` and
+:mod:`~adaptkit.merge.aux_sources` (what accompanies the weights). Imports no torch.
 """
 from __future__ import annotations
 
 import fnmatch
-import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from adaptkit.config import COND_KEYS, MergeConfig, dump_merge_config, nearest_hint
+from adaptkit.config import MergeConfig, dump_merge_config
 from adaptkit.errors import CheckpointError, ConfigError
-from adaptkit.registry import MergeMethod, MergerRegistry, Param
-
-FLOAT_CODES = ("F64", "F32", "F16", "BF16")
-_LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<idx>\d+)\.(?P<rest>.+)$")
-_HUB_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
-_PRE_RE = re.compile(r"(embed|wte|wpe|word_embeddings)")
-TIED_HEAD = "lm_head.weight"
-
-
-def split_layer(name: str) -> tuple[str, int, str] | None:
-    """``"model.layers.3.mlp.up_proj.weight"`` -> ``("model.layers", 3, "mlp.up_proj.weight")``."""
-    m = _LAYER_RE.match(name)
-    if not m:
-        return None
-    return m.group("prefix"), int(m.group("idx")), m.group("rest")
-
-
-# --------------------------------------------------------------------------------------------------
-@dataclass
-class ModelEntry:
-    """One distinct input model."""
-
-    ref: str  #: as written in the config
-    path: Path
-    ckpt: Any  #: adaptkit.io.Checkpoint (lazy)
-    config: dict[str, Any] | None
-    stacks: dict[str, int] = field(default_factory=dict)  #: layer-stack prefix -> number of layers
-
-    @property
-    def label(self) -> str:
-        return self.ref
-
-
-@dataclass
-class TensorTask:
-    """One output tensor: which input tensors make it and how."""
-
-    out_name: str
-    dtype: str  #: output safetensors dtype code
-    shape: tuple[int, ...]
-    inputs: list[tuple[int, str]]  #: (model index, input tensor name) of the non-base participants
-    base: Optional[tuple[int, str]]  #: (model index, name) of the base tensor, if the method uses it
-    params: list[dict[str, Any]]
-    global_params: dict[str, Any]
-    layer_index: Optional[int]
-    kind: str = "merge"  #: "merge" (call the method), "copy" (single input, no math), "identical" (non-float)
-    in_bytes: int = 0
-    compute_float64: bool = False
-
-    @property
-    def numel(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
-
-    @property
-    def out_bytes(self) -> int:
-        from adaptkit.io.dtypes import ITEMSIZE
-
-        return self.numel * ITEMSIZE[self.dtype]
-
-    def all_inputs(self) -> list[tuple[int, str]]:
-        return ([self.base] if self.base else []) + list(self.inputs)
+from adaptkit.merge import budget
+from adaptkit.merge.aux_sources import AuxSource, resolve_aux_source, resolve_chat_template
+from adaptkit.merge.models import ModelEntry, ModelSet, OpenModel
+from adaptkit.merge.output_config import output_config
+from adaptkit.merge.params import tensor_params, validate_config_parameters
+from adaptkit.merge.slices import (
+    Slice,
+    Source,
+    TensorGroup,
+    check_layer_ranges,
+    index_layers,
+    is_pre_layer,
+    models_form_groups,
+    nonlayer_groups,
+    single_stack,
+    slice_layer_groups,
+)
+from adaptkit.merge.tasks import FLOAT_CODES, TensorTask
+from adaptkit.merge.tied import TIED_HEAD, check_untied_has_head, drop_tied_head
+from adaptkit.registry import MergeMethod, MergerRegistry
 
 
 @dataclass
@@ -93,15 +50,21 @@ class MergePlan:
     config: MergeConfig
     config_path: Path | None
     method: MergeMethod
-    method_name: str
+    method_name: str  #: as written in the config (short or qualified)
     models: list[ModelEntry]
     base_index: Optional[int]
     tasks: list[TensorTask]
     excluded: list[tuple[str, str, str]]  #: (model ref, tensor, reason)
     out_config: dict[str, Any] | None
-    aux_source: Optional[Path]  #: folder whose tokenizer / generation config / chat template files are copied
+    aux: Optional[AuxSource]  #: where tokenizer / generation config / chat template files come from
+    chat_template: Optional[str] = None  #: the resolved ``chat_template`` (None: keep the copied one)
     seed: int = 0
     notes: list[str] = field(default_factory=list)
+    method_qualified: str = ""  #: ``distribution:name`` of the method (who provides it)
+
+    @property
+    def aux_source(self) -> Optional[Path]:
+        return self.aux.path if self.aux is not None else None
 
     # -- sizes -------------------------------------------------------------------------------------
     @property
@@ -113,20 +76,11 @@ class MergePlan:
         return sum(t.out_bytes for t in self.tasks)
 
     def peak_memory_estimate(self, device: str = "cpu") -> int:
-        """Working memory of the largest tensor group: its inputs upcast to the compute dtype, the method's
-        scratch (about two more copies), the rounded output, plus the prefetch window (small groups only)."""
-        from adaptkit.merge.engine import PREFETCH_MAX_BYTES
+        return budget.peak_memory_estimate(self.tasks)
 
-        peak = 0
-        for t in self.tasks:
-            item = 8 if t.compute_float64 else 4
-            n = len(t.all_inputs())
-            if t.kind == "merge":
-                w = (n + 3) * t.numel * item + t.out_bytes
-            else:
-                w = t.out_bytes * 2
-            peak = max(peak, w)
-        return peak + PREFETCH_MAX_BYTES
+    def describe_models(self) -> list[dict[str, Any]]:
+        """Each input model: reference, path, loader, source format, whether dequantized, whether the base."""
+        return [{**m.describe(), "base": i == self.base_index} for i, m in enumerate(self.models)]
 
     def summary(self, device: str = "cpu") -> dict[str, Any]:
         kinds: dict[str, int] = {}
@@ -137,7 +91,7 @@ class MergePlan:
             reasons[r] = reasons.get(r, 0) + 1
         return {
             "method": self.method_name,
-            "models": [str(m.path) for m in self.models],
+            "models": self.describe_models(),
             "base_model": str(self.models[self.base_index].path) if self.base_index is not None else None,
             "tensors": len(self.tasks),
             "tensor_kinds": kinds,
@@ -151,7 +105,7 @@ class MergePlan:
             "notes": list(self.notes),
         }
 
-    def resolved_yaml(self) -> str:
+    def resolved_config(self) -> MergeConfig:
         """The config with model references replaced by absolute paths (mergekit-compatible)."""
         cfg = self.config.model_copy(deep=True)
         mapping = {m.ref: str(m.path) for m in self.models}
@@ -168,7 +122,10 @@ class MergePlan:
             cfg.tokenizer_source = mapping[cfg.tokenizer_source]
         elif cfg.tokenizer_source not in (None, "base", "union") and self.aux_source is not None:
             cfg.tokenizer_source = str(self.aux_source)
-        return dump_merge_config(cfg)
+        return cfg
+
+    def resolved_yaml(self) -> str:
+        return dump_merge_config(self.resolved_config())
 
     def close(self) -> None:
         for m in self.models:
@@ -179,321 +136,83 @@ class MergePlan:
 
 
 # --------------------------------------------------------------------------------------------------
-# model references
-
-
-def resolve_model_path(ref: str, base_dir: Path | None, src: str) -> Path:
-    if not isinstance(ref, str) or not ref.strip():
-        raise ConfigError(f"{src}: a model reference must be a non-empty string")
-    if "+" in ref and not Path(ref).exists():
-        raise ConfigError(f"{src}: model {ref!r}: LoRA references ('model+adapter') are not supported")
-    p = Path(ref).expanduser()
-    if not p.is_absolute() and base_dir is not None:
-        p = base_dir / p
-    if p.exists():
-        return p.resolve()
-    if _HUB_RE.match(ref) and not ref.startswith((".", "/", "~")):
-        raise CheckpointError(
-            f"{src}: model {ref!r} is not a local folder (adaptkit never downloads; "
-            f"looked for {p})"
-        )
-    raise CheckpointError(f"{src}: model folder not found: {ref!r} (looked for {p})")
-
-
-def _num_layers_from_config(cfg: dict[str, Any] | None) -> Optional[int]:
-    if not cfg:
-        return None
-    for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-        v = cfg.get(key)
-        if isinstance(v, int):
-            return v
-    tc = cfg.get("text_config")
-    if isinstance(tc, dict):
-        return _num_layers_from_config(tc)
-    return None
-
-
-def _stacks(names: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for n in names:
-        sp = split_layer(n)
-        if sp:
-            out[sp[0]] = max(out.get(sp[0], 0), sp[1] + 1)
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-# parameters
-
-
-def _coerce_scalar(p: Param, value: Any, where: str) -> Any:
-    if p.type in (int, float) and isinstance(value, str):
-        try:
-            value = float(value)  # YAML 1.1 reads "1e-3" as a string
-        except ValueError:
-            pass
-    return p.validate(value, where)
-
-
-def _validate_setting(p: Param, setting: Any, where: str) -> None:
-    """Check a parameter setting's structure and every scalar in it."""
-    if isinstance(setting, dict):
-        setting = [setting]
-    if isinstance(setting, list):
-        if not setting:
-            raise ConfigError(f"{where}: parameter {p.name!r} is an empty list")
-        if all(isinstance(e, dict) for e in setting):
-            for i, cond in enumerate(setting):
-                for k in cond:
-                    if k not in COND_KEYS:
-                        raise ConfigError(
-                            f"{where}: unknown key {k!r} in {p.name}[{i}]{nearest_hint(k, COND_KEYS)}"
-                        )
-                if "value" not in cond:
-                    raise ConfigError(f"{where}: {p.name}[{i}] needs a 'value' (with an optional 'filter')")
-                f = cond.get("filter")
-                if f is not None and not isinstance(f, str):
-                    raise ConfigError(f"{where}: {p.name}[{i}].filter must be a string, got {f!r}")
-                v = cond["value"]
-                if isinstance(v, (dict,)) or (isinstance(v, list) and any(isinstance(e, (dict, list)) for e in v)):
-                    raise ConfigError(f"{where}: {p.name}[{i}].value must be a scalar or a list of scalars")
-                _validate_setting(p, v, f"{where}")
-            return
-        if any(isinstance(e, (dict, list)) for e in setting):
-            raise ConfigError(
-                f"{where}: parameter {p.name!r} mixes filter entries and plain values; "
-                "use a list of '- filter: ... value: ...' entries"
-            )
-        if len(setting) > 1 and not p.gradient:
-            raise ConfigError(f"{where}: parameter {p.name!r} does not accept a gradient (list of values)")
-        for e in setting:
-            _coerce_scalar(p, e, where)
-        return
-    if setting is None:
-        raise ConfigError(f"{where}: parameter {p.name!r} has no value")
-    _coerce_scalar(p, setting, where)
-
-
-def evaluate_setting(p: Param, setting: Any, tensor_name: str, t: float, where: str) -> Any:
-    """A setting's value for one tensor: filters select (first match wins, substring of the tensor name,
-    ``*`` or no filter match all); a numeric list is a gradient interpolated linearly at ``t`` in [0, 1]
-    over its evenly spaced anchors; a non-numeric list picks ``values[int(t * (n - 1))]``. Returns None when
-    no filter matches (the next scope is consulted)."""
-    if isinstance(setting, dict):
-        setting = [setting]
-    if isinstance(setting, list):
-        if setting and all(isinstance(e, dict) for e in setting):
-            for cond in setting:
-                f = cond.get("filter")
-                if f is None or f == "*" or (tensor_name and f in tensor_name):
-                    return evaluate_setting(p, cond["value"], tensor_name, t, where)
-            return None
-        values = [_coerce_scalar(p, e, where) for e in setting]
-        if len(values) == 1:
-            return values[0]
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            return values[int(t * (len(values) - 1))]
-        scaled = t * (len(values) - 1)
-        i0 = int(scaled)
-        i1 = min(len(values) - 1, i0 + 1)
-        frac = scaled - i0
-        result = (1 - frac) * values[i0] + frac * values[i1]
-        if p.type is int:
-            result = round(result)
-        return _coerce_scalar(p, result, where)
-    return _coerce_scalar(p, setting, where)
-
-
-def _resolve(p: Param, scopes: list[dict[str, Any] | None], tensor_name: str, t: float, where: str) -> Any:
-    for scope in scopes:
-        if scope and p.name in scope:
-            v = evaluate_setting(p, scope[p.name], tensor_name, t, where)
-            if v is not None:
-                return v
-    if p.required:
-        raise ConfigError(f"{where}: missing required parameter {p.name!r} (for tensor {tensor_name})")
-    return p.default
-
-
-def validate_parameter_block(
-    method: MergeMethod, method_name: str, block: dict[str, Any] | None, where: str, *, per_model: bool
-) -> None:
-    """``where`` is ``"<file>: <location>"``; messages read ``<file>: unknown key 'x' in <location>; ...``."""
-    if not block:
-        return
-    src, _, loc = where.partition(": ")
-    if not isinstance(block, dict):
-        raise ConfigError(f"{where}: must be a mapping of parameter names to values")
-    names = {p.name for p in method.params}
-    for key, setting in block.items():
-        p = method.param(str(key))
-        if p is None:
-            if not names:
-                raise ConfigError(f"{where}: merge method {method_name!r} takes no parameters (got {key!r})")
-            raise ConfigError(f"{src}: unknown key {key!r} in {loc}{nearest_hint(key, names)}")
-        if per_model and p.scope == "global":
-            raise ConfigError(
-                f"{where}: parameter {key!r} of {method_name!r} is global; set it in the top-level 'parameters'"
-            )
-        _validate_setting(p, setting, where)
-
-
-# --------------------------------------------------------------------------------------------------
-# the planner
-
-
-@dataclass
-class _Source:
-    model: int
-    params: dict[str, Any] | None
-    layer_range: Optional[tuple[int, int]] = None
-
-
-@dataclass
-class _Slice:
-    sources: list[_Source]
-    base: Optional[int]
-    params: dict[str, Any] | None
-    where: str
 
 
 class _Planner:
-    def __init__(
-        self,
-        cfg: MergeConfig,
-        config_path: Path | None,
-        registry: MergerRegistry,
-        *,
-        seed: int,
-        allow_pickle: bool,
-    ) -> None:
+    def __init__(self, cfg: MergeConfig, config_path: Path | None, entry: Any, models: ModelSet) -> None:
         self.cfg = cfg
         self.config_path = config_path
-        self.src = config_path.name if config_path else "config"
-        self.base_dir = config_path.parent if config_path else Path.cwd()
-        self.registry = registry
-        self.seed = seed
-        self.allow_pickle = allow_pickle
-        self.models: list[ModelEntry] = []
-        self._by_path: dict[Path, int] = {}
-        self._by_ref: dict[str, int] = {}
+        self.src = models.src
+        self.method: MergeMethod = entry.component
+        self.method_qualified: str = entry.qualified_name
+        self.method_name = cfg.merge_method
+        self.models = models
+        self.label = models.label
         self.excluded: list[tuple[str, str, str]] = []
         self.notes: list[str] = []
+        self.tasks: list[TensorTask] = []
+        self.exclude_patterns = list(cfg.exclude or [])
 
-    # -- models ------------------------------------------------------------------------------------
-    def model(self, ref: str) -> int:
-        if ref in self._by_ref:
-            return self._by_ref[ref]
-        path = resolve_model_path(ref, self.base_dir, self.src)
-        if path in self._by_path:
-            idx = self._by_path[path]
-        else:
-            from adaptkit.io import open_checkpoint
-
-            try:
-                ckpt = open_checkpoint(path, allow_pickle=self.allow_pickle)
-            except CheckpointError as exc:
-                raise type(exc)(f"model {ref!r}: {exc.one_line()}") from None
-            cfg = ckpt.config
-            entry = ModelEntry(ref=ref, path=path, ckpt=ckpt, config=cfg, stacks=_stacks(ckpt.names()))
-            idx = len(self.models)
-            self.models.append(entry)
-            self._by_path[path] = idx
-        self._by_ref[ref] = idx
-        return idx
-
-    def label(self, i: int) -> str:
-        return self.models[i].ref
-
-    # -- main ----------------------------------------------------------------------------------------
-    def plan(self) -> MergePlan:
-        cfg = self.cfg
-        try:
-            method = self.registry.get(cfg.merge_method)
-        except ConfigError as exc:
-            raise ConfigError(f"{self.src}: merge_method: {exc.one_line()}") from None
-        self.method = method
-        self.method_name = cfg.merge_method
-
-        validate_parameter_block(method, cfg.merge_method, cfg.parameters, f"{self.src}: parameters", per_model=False)
-        for i, m in enumerate(cfg.models or []):
-            validate_parameter_block(
-                method, cfg.merge_method, m.parameters, f"{self.src}: models[{i}].parameters", per_model=True
-            )
-        for i, s in enumerate(cfg.slices or []):
-            validate_parameter_block(
-                method, cfg.merge_method, s.parameters, f"{self.src}: slices[{i}].parameters", per_model=False
-            )
-            for j, so in enumerate(s.sources):
-                validate_parameter_block(
-                    method,
-                    cfg.merge_method,
-                    so.parameters,
-                    f"{self.src}: slices[{i}].sources[{j}].parameters",
-                    per_model=True,
-                )
-
-        base = self.model(cfg.base_model) if cfg.base_model else None
+    def plan(self, seed: int) -> MergePlan:
+        cfg, method = self.cfg, self.method
+        validate_config_parameters(method, cfg, self.src)
+        base = self.models.index(cfg.base_model) if cfg.base_model else None
         if method.requires_base and base is None and not any(s.base_model for s in cfg.slices or []):
             raise ConfigError(f"{self.src}: merge method {cfg.merge_method!r} needs a base_model")
-
-        slices: list[_Slice] = []
-        if cfg.models:
-            sources: list[_Source] = []
-            seen: set[int] = set()
-            for i, m in enumerate(cfg.models):
-                idx = self.model(m.model)
-                if idx in seen:
-                    raise ConfigError(f"{self.src}: models[{i}]: model {m.model!r} is listed twice")
-                seen.add(idx)
-                sources.append(_Source(idx, m.parameters))
-            if base is not None and base not in seen and method.uses_base:
-                sources.append(_Source(base, None))
-            slices.append(_Slice(sources, base, None, "models"))
-        else:
-            for i, s in enumerate(cfg.slices or []):
-                sb = self.model(s.base_model) if s.base_model else base
-                srcs = [_Source(self.model(so.model), so.parameters, tuple(so.layer_range)) for so in s.sources]
-                slices.append(_Slice(srcs, sb, s.parameters, f"slices[{i}]"))
-
-        self._check_architectures(slices, base)
+        slices = self._slices(base)
+        participants = sorted({s.model for sl in slices for s in sl.sources} | ({base} if base is not None else set()))
+        self._check_architectures(participants)
         out_idx = base if base is not None else slices[0].sources[0].model
-        self.tasks: list[TensorTask] = []
         self.used: dict[int, set[str]] = {i: set() for i in range(len(self.models))}
         self.missing: dict[int, list[str]] = {}
-        self.exclude_patterns = list(cfg.exclude or [])
-        self.out_tied = self._tied(out_idx)
+        self.out_tied = self.models[out_idx].tied
 
         if cfg.models:
             self._plan_models_form(slices[0])
             out_layers = None
         else:
             out_layers = self._plan_slices_form(slices)
-
         self._account()
         if not self.tasks:
             raise CheckpointError(f"{self.src}: the merge produces no tensors")
-        out_config = self._out_config(out_idx, out_layers, slices)
-        aux = self._aux_source(base, slices)
+        out_config = output_config(
+            self.models[out_idx].config, out_layers=out_layers, slices=slices,
+            source_configs=[m.config for m in self.models.models], tasks=self.tasks, out_tied=self.out_tied,
+        )
+        aux = resolve_aux_source(cfg.tokenizer_source, self.models, out_idx, participants, base is not None, self.src)
+        template = resolve_chat_template(cfg.chat_template, [m.path for m in self.models.models])
         return MergePlan(
-            config=cfg,
-            config_path=self.config_path,
-            method=method,
-            method_name=cfg.merge_method,
-            models=self.models,
-            base_index=base,
-            tasks=self.tasks,
-            excluded=self.excluded,
-            out_config=out_config,
-            aux_source=aux,
-            seed=self.seed,
-            notes=self.notes,
+            config=cfg, config_path=self.config_path, method=method, method_name=cfg.merge_method,
+            models=self.models.models, base_index=base, tasks=self.tasks, excluded=self.excluded,
+            out_config=out_config, aux=aux, chat_template=template, seed=seed, notes=self.notes,
+            method_qualified=self.method_qualified,
         )
 
-    # -- helpers -----------------------------------------------------------------------------------
-    def _check_architectures(self, slices: list[_Slice], base: Optional[int]) -> None:
+    # -- structure ---------------------------------------------------------------------------------
+    def _slices(self, base: Optional[int]) -> list[Slice]:
+        cfg = self.cfg
+        slices: list[Slice] = []
+        if cfg.models:
+            sources: list[Source] = []
+            seen: set[int] = set()
+            for i, m in enumerate(cfg.models):
+                idx = self.models.index(m.model)
+                if idx in seen:
+                    raise ConfigError(f"{self.src}: models[{i}]: model {m.model!r} is listed twice")
+                seen.add(idx)
+                sources.append(Source(idx, m.parameters))
+            if base is not None and base not in seen and self.method.uses_base:
+                sources.append(Source(base, None))
+            slices.append(Slice(sources, base, None, "models"))
+        else:
+            for i, s in enumerate(cfg.slices or []):
+                sb = self.models.index(s.base_model) if s.base_model else base
+                srcs = [Source(self.models.index(so.model), so.parameters, tuple(so.layer_range)) for so in s.sources]
+                slices.append(Slice(srcs, sb, s.parameters, f"slices[{i}]"))
+        return slices
+
+    def _check_architectures(self, used: list[int]) -> None:
         """Participants must share the architecture (config.json), before any tensor is compared."""
-        used = sorted({s.model for sl in slices for s in sl.sources} | ({base} if base is not None else set()))
         ref = used[0]
         rc = self.models[ref].config or {}
         for mi in used[1:]:
@@ -507,20 +226,7 @@ class _Planner:
                         f"mismatched architectures: {key} is {a} in {self.label(ref)!r} but {b} in {self.label(mi)!r}"
                     )
 
-    def _tied(self, idx: int) -> bool:
-        m = self.models[idx]
-        cfg = m.config or {}
-        v = cfg.get("tie_word_embeddings")
-        if v is None and isinstance(cfg.get("text_config"), dict):
-            v = cfg["text_config"].get("tie_word_embeddings")
-        if isinstance(v, bool):
-            return v
-        return TIED_HEAD not in m.ckpt
-
-    def _is_excluded(self, name: str) -> bool:
-        return any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude_patterns)
-
-    def _participants(self, sl: _Slice) -> tuple[Optional[int], list[_Source]]:
+    def _participants(self, sl: Slice) -> tuple[Optional[int], list[Source]]:
         """(base model index if the method uses it, non-base sources)."""
         method = self.method
         base = sl.base if method.uses_base else None
@@ -533,33 +239,80 @@ class _Planner:
         else:
             others = list(sl.sources)
         n = len(others)
+        what = "non-base models" if base is not None else "models"
         if n < method.min_models:
-            what = "non-base models" if base is not None else "models"
             raise ConfigError(
                 f"{self.src}: {sl.where}: merge method {self.method_name!r} needs at least {method.min_models} "
                 f"{what}, got {n}"
             )
         if method.max_models is not None and n > method.max_models:
-            what = "non-base models" if base is not None else "models"
             raise ConfigError(
                 f"{self.src}: {sl.where}: merge method {self.method_name!r} takes at most {method.max_models} "
                 f"{what}, got {n}"
             )
         return base, others
 
-    def _add_task(
-        self,
-        out_name: str,
-        sl: _Slice,
-        base: Optional[int],
-        others: list[_Source],
-        in_names: dict[int, str],
-        t: float,
-        layer_index: Optional[int],
-    ) -> None:
-        """Plan one output tensor from the same-named (or renumbered) tensors of the participants."""
-        from adaptkit.io.dtypes import ITEMSIZE
+    def _check_tying(self, models: list[int]) -> None:
+        check_untied_has_head([(self.label(m), self.models[m].ckpt, self.models[m].tied) for m in models],
+                              self.out_tied)
 
+    def _is_excluded(self, name: str) -> bool:
+        return any(fnmatch.fnmatchcase(name, pat) for pat in self.exclude_patterns)
+
+    def _selected(self, mi: int) -> list[str]:
+        """The tensor names of model ``mi`` that take part: not excluded by a pattern or the tying rule."""
+        names = [n for n in self.models[mi].ckpt.names() if not self._is_excluded(n)]
+        entry = self.models[mi]
+        return drop_tied_head(names, entry.ref, entry.tied, self.out_tied, self.excluded)
+
+    # -- the two config forms ----------------------------------------------------------------------
+    def _plan_models_form(self, sl: Slice) -> None:
+        base, others = self._participants(sl)
+        models = ([base] if base is not None else []) + [s.model for s in others]
+        self._check_tying(models)
+        stacks = self.models[models[0]].stacks
+        for mi in models[1:]:
+            if self.models[mi].stacks != stacks:
+                a, b = self.label(models[0]), self.label(mi)
+                raise CheckpointError(
+                    f"models {a!r} and {b!r} have different layer counts "
+                    f"({stacks or 'none'} vs {self.models[mi].stacks or 'none'}); use 'slices' for frankenmerges"
+                )
+        for group in models_form_groups(models, self._selected, stacks):
+            self._add_task(group, sl, base, others)
+
+    def _plan_slices_form(self, slices: list[Slice]) -> int:
+        stacks = lambda mi: self.models[mi].stacks  # noqa: E731
+        prefix = single_stack(slices, stacks, self.src)
+        check_layer_ranges(slices, prefix, stacks, self.label, self.src)
+        layer_names: dict[int, dict[int, dict[str, str]]] = {}
+        nonlayer: dict[int, list[str]] = {}
+        for mi in range(len(self.models)):
+            layer_names[mi], nonlayer[mi] = index_layers(self._selected(mi), prefix)
+
+        def plan_nonlayer(sl: Slice, keep: Any) -> None:
+            base, others = self._participants(sl)
+            models = ([base] if base is not None else []) + [s.model for s in others]
+            self._check_tying(models)
+            for group in nonlayer_groups(models, nonlayer, keep):
+                self._add_task(group, sl, base, others)
+
+        plan_nonlayer(slices[0], is_pre_layer)
+        out_layer = 0
+        for sl in slices:
+            base, others = self._participants(sl)
+            srcs = ([next(s for s in sl.sources if s.model == base)] if base is not None else []) + others
+            groups, n = slice_layer_groups(srcs, prefix, layer_names, out_layer)
+            for group in groups:
+                self._add_task(group, sl, base, others)
+            out_layer += n
+        plan_nonlayer(slices[-1], lambda n: not is_pre_layer(n))
+        return out_layer
+
+    # -- one output tensor -------------------------------------------------------------------------
+    def _add_task(self, group: TensorGroup, sl: Slice, base: Optional[int], others: list[Source]) -> None:
+        """Plan one output tensor from the same-named (or renumbered) tensors of the participants."""
+        in_names = group.in_names
         models = ([base] if base is not None else []) + [s.model for s in others]
         infos = {}
         for mi in models:
@@ -579,68 +332,53 @@ class _Planner:
                 raise CheckpointError(self._shape_message(in_names[mi], models[0], ref, mi, inf))
         dtypes = {infos[m].dtype for m in models}
         is_float = all(d in FLOAT_CODES for d in dtypes)
-        any_float = any(d in FLOAT_CODES for d in dtypes)
-        if any_float and not is_float:
+        listed = lambda: ", ".join(f"{self.label(m)}: {infos[m].dtype}" for m in models)  # noqa: E731
+        if any(d in FLOAT_CODES for d in dtypes) and not is_float:
             raise CheckpointError(
-                f"tensor {ref.name!r} mixes floating-point and non-float dtypes across models "
-                f"({', '.join(f'{self.label(m)}: {infos[m].dtype}' for m in models)})"
+                f"tensor {ref.name!r} mixes floating-point and non-float dtypes across models ({listed()})"
             )
         for mi in models:
             self.used[mi].add(in_names[mi])
         in_bytes = sum(infos[m].nbytes for m in models)
         if not is_float:
             if len(dtypes) > 1:
-                raise CheckpointError(
-                    f"non-float tensor {ref.name!r} has different dtypes across models "
-                    f"({', '.join(f'{self.label(m)}: {infos[m].dtype}' for m in models)})"
-                )
+                raise CheckpointError(f"non-float tensor {ref.name!r} has different dtypes across models ({listed()})")
             self.tasks.append(
-                TensorTask(out_name, ref.dtype, tuple(ref.shape), [(m, in_names[m]) for m in models], None, [], {},
-                           layer_index, kind="identical", in_bytes=in_bytes)
+                TensorTask(group.out_name, ref.dtype, tuple(ref.shape), [(m, in_names[m]) for m in models], None,
+                           [], {}, group.layer_index, kind="identical", in_bytes=in_bytes)
             )
             return
-        out_dtype = self.cfg.out_dtype_code or infos[models[0]].dtype
-        per_model: list[dict[str, Any]] = []
-        gscopes = [sl.params, self.cfg.parameters]
-        for s in others:
-            where = f"{self.src}: model {self.label(s.model)!r}"
-            pm: dict[str, Any] = {}
-            for p in self.method.params:
-                if p.scope in ("model", "both"):
-                    pm[p.name] = _resolve(p, [s.params, sl.params, self.cfg.parameters], in_names[s.model], t, where)
-            per_model.append(pm)
-        gp: dict[str, Any] = {}
-        for p in self.method.params:
-            if p.scope == "global":
-                gp[p.name] = _resolve(p, gscopes, out_name, t, f"{self.src}")
-            elif p.scope == "both":
-                try:
-                    gp[p.name] = _resolve(p, gscopes, out_name, t, f"{self.src}")
-                except ConfigError:
-                    pass
-        kind = "merge"
-        if (self.method_name in ("passthrough",) and len(models) == 1
-                and all(v == 1.0 for v in (per_model[0] if per_model else {}).values())):
-            kind = "copy"
+        per_model, gp = tensor_params(
+            self.method, [(self.label(s.model), s.params, in_names[s.model]) for s in others], sl.params,
+            self.cfg.parameters, group.out_name, group.t, self.src,
+        )
         self.tasks.append(
             TensorTask(
-                out_name=out_name,
-                dtype=out_dtype,
+                out_name=group.out_name,
+                dtype=self.cfg.out_dtype_code or infos[models[0]].dtype,
                 shape=tuple(ref.shape),
                 inputs=[(s.model, in_names[s.model]) for s in others],
                 base=(base, in_names[base]) if base is not None else None,
                 params=per_model,
                 global_params=gp,
-                layer_index=layer_index,
-                kind=kind,
+                layer_index=group.layer_index,
+                kind="copy" if self._is_identity(models, per_model, gp) else "merge",
                 in_bytes=in_bytes,
                 compute_float64="F64" in dtypes,
             )
         )
 
+    def _is_identity(self, models: list[int], per_model: list[dict[str, Any]], gp: dict[str, Any]) -> bool:
+        """A single input whose parameters equal the method's declared ``identity_params``: copied as is."""
+        ident = self.method.identity_params
+        if ident is None or len(models) != 1:
+            return False
+        values = {**gp, **(per_model[0] if per_model else {})}
+        return all(values.get(k, v) == v for k, v in ident)
+
     def _shape_message(self, name: str, m0: int, i0: Any, m1: int, i1: Any) -> str:
         a, b = self.label(m0), self.label(m1)
-        if _PRE_RE.search(name) or name.endswith(TIED_HEAD):
+        if is_pre_layer(name) or name.endswith(TIED_HEAD):
             if len(i0.shape) == 2 and len(i1.shape) == 2 and i0.shape[1] == i1.shape[1]:
                 return (
                     f"tensor {name!r}: vocabulary sizes differ ({i0.shape[0]} in {a!r} vs {i1.shape[0]} in {b!r}); "
@@ -648,160 +386,7 @@ class _Planner:
                 )
         return f"tensor {name!r}: shape {list(i0.shape)} in {a!r} vs {list(i1.shape)} in {b!r}"
 
-    def _names(self, mi: int) -> list[str]:
-        return self.models[mi].ckpt.names()
-
-    def _drop_tied_head(self, mi: int, names: list[str]) -> list[str]:
-        """Apply the tied-embedding rule: with a tied output, an input's stored ``lm_head.weight`` is left
-        out when that input ties too; an untied input with its own head is an error."""
-        if TIED_HEAD not in names:
-            return names
-        if self.out_tied:
-            if self._tied(mi):
-                self.excluded.append((self.label(mi), TIED_HEAD, "tied to the input embedding (tie_word_embeddings)"))
-                return [n for n in names if n != TIED_HEAD]
-            raise CheckpointError(
-                f"model {self.label(mi)!r} has its own {TIED_HEAD!r} (tie_word_embeddings is false) but the output "
-                "ties the embeddings (from the base/first model); merge models with the same tying, or add "
-                f"'{TIED_HEAD}' to 'exclude'"
-            )
-        return names
-
-    def _check_untied_has_head(self, models: list[int]) -> None:
-        if self.out_tied:
-            return
-        for mi in models:
-            if TIED_HEAD not in self.models[mi].ckpt and self._tied(mi) and any(
-                TIED_HEAD in self.models[o].ckpt for o in models
-            ):
-                raise CheckpointError(
-                    f"model {self.label(mi)!r} ties its embeddings (no {TIED_HEAD!r}) but the output has a "
-                    "separate lm_head (from the base/first model); merge models with the same tying"
-                )
-
-    def _selected(self, mi: int) -> list[str]:
-        names = []
-        for n in self._names(mi):
-            if self._is_excluded(n):
-                continue
-            names.append(n)
-        return self._drop_tied_head(mi, names)
-
-    def _plan_models_form(self, sl: _Slice) -> None:
-        base, others = self._participants(sl)
-        models = ([base] if base is not None else []) + [s.model for s in others]
-        self._check_untied_has_head(models)
-        # layer counts must agree per stack
-        stacks = self.models[models[0]].stacks
-        for mi in models[1:]:
-            if self.models[mi].stacks != stacks:
-                a, b = self.label(models[0]), self.label(mi)
-                raise CheckpointError(
-                    f"models {a!r} and {b!r} have different layer counts "
-                    f"({stacks or 'none'} vs {self.models[mi].stacks or 'none'}); use 'slices' for frankenmerges"
-                )
-        # output tensor names: union over participants, in the first participant's order
-        order: list[str] = []
-        seen: set[str] = set()
-        for mi in models:
-            for n in self._selected(mi):
-                if n not in seen:
-                    seen.add(n)
-                    order.append(n)
-        for name in order:
-            sp = split_layer(name)
-            if sp:
-                n_layers = stacks.get(sp[0], 1)
-                t = sp[1] / (n_layers - 1) if n_layers > 1 else 1.0
-                li: Optional[int] = sp[1]
-            else:
-                t, li = 0.0, None
-            self._add_task(name, sl, base, others, {m: name for m in models}, t, li)
-
-    def _plan_slices_form(self, slices: list[_Slice]) -> int:
-        # a single layer stack is required
-        prefixes: set[str] = set()
-        for sl in slices:
-            for s in sl.sources:
-                prefixes.update(self.models[s.model].stacks)
-        if len(prefixes) != 1:
-            raise ConfigError(
-                f"{self.src}: 'slices' needs models with exactly one stack of numbered layers "
-                f"(found: {', '.join(sorted(prefixes)) or 'none'})"
-            )
-        prefix = next(iter(prefixes))
-        for si, sl in enumerate(slices):
-            lengths = []
-            for s in sl.sources:
-                a, b = s.layer_range or (0, 0)
-                n = self.models[s.model].stacks.get(prefix, 0)
-                if b > n:
-                    raise ConfigError(
-                        f"{self.src}: {sl.where}: layer_range [{a}, {b}] is beyond model {self.label(s.model)!r}, "
-                        f"which has {n} layers"
-                    )
-                lengths.append(b - a)
-            if len(set(lengths)) != 1:
-                raise ConfigError(
-                    f"{self.src}: {sl.where}: all sources of a slice must span the same number of layers "
-                    f"(got {lengths})"
-                )
-        # index the selected tensors of each model: layer -> {rest: name}, and non-layer names
-        layer_names: dict[int, dict[int, dict[str, str]]] = {}
-        nonlayer: dict[int, list[str]] = {}
-        for mi in range(len(self.models)):
-            per: dict[int, dict[str, str]] = {}
-            nl: list[str] = []
-            for n in self._selected(mi):
-                sp = split_layer(n)
-                if sp and sp[0] == prefix:
-                    per.setdefault(sp[1], {})[sp[2]] = n
-                else:
-                    nl.append(n)
-            layer_names[mi] = per
-            nonlayer[mi] = nl
-
-        def plan_nonlayer(sl: _Slice, names_pred: Any) -> None:
-            base, others = self._participants(sl)
-            models = ([base] if base is not None else []) + [s.model for s in others]
-            self._check_untied_has_head(models)
-            order: list[str] = []
-            seen: set[str] = set()
-            for mi in models:
-                for n in nonlayer[mi]:
-                    if names_pred(n) and n not in seen:
-                        seen.add(n)
-                        order.append(n)
-            for name in order:
-                self._add_task(name, sl, base, others, {m: name for m in models}, 0.0, None)
-
-        plan_nonlayer(slices[0], lambda n: bool(_PRE_RE.search(n)))
-        out_layer = 0
-        for sl in slices:
-            base, others = self._participants(sl)
-            srcs = ([next(s for s in sl.sources if s.model == base)] if base is not None else []) + others
-            a0 = srcs[0].layer_range or (0, 0)
-            n = a0[1] - a0[0]
-            for off in range(n):
-                t = off / (n - 1) if n > 1 else 1.0
-                rests: list[str] = []
-                seen_r: set[str] = set()
-                for s in srcs:
-                    li = (s.layer_range or (0, 0))[0] + off
-                    for r in layer_names[s.model].get(li, {}):
-                        if r not in seen_r:
-                            seen_r.add(r)
-                            rests.append(r)
-                for r in rests:
-                    in_names = {}
-                    for s in srcs:
-                        li = (s.layer_range or (0, 0))[0] + off
-                        in_names[s.model] = layer_names[s.model].get(li, {}).get(r, f"{prefix}.{li}.{r}")
-                    self._add_task(f"{prefix}.{out_layer}.{r}", sl, base, others, in_names, t, out_layer)
-                out_layer += 1
-        plan_nonlayer(slices[-1], lambda n: not _PRE_RE.search(n))
-        return out_layer
-
+    # -- accounting --------------------------------------------------------------------------------
     def _account(self) -> None:
         """Every tensor of every input model is used or excluded by a rule; else an error."""
         if self.missing:
@@ -816,7 +401,7 @@ class _Planner:
         excluded_names = {(m, n) for m, n, _ in self.excluded}
         slices_form = bool(self.cfg.slices)
         orphans: list[str] = []
-        for mi, entry in enumerate(self.models):
+        for mi, entry in enumerate(self.models.models):
             if not self.used[mi] and not slices_form:
                 # a model that takes no part (e.g. a base the method ignores): nothing of it is merged
                 self.notes.append(f"model {entry.ref!r} provides no tensors (merge method does not use it)")
@@ -834,102 +419,42 @@ class _Planner:
             shown = ", ".join(orphans[:8]) + (f", ... ({len(orphans)} in all)" if len(orphans) > 8 else "")
             raise CheckpointError(f"input tensors not accounted for by the merge plan: {shown}")
 
-    def _out_config(self, out_idx: int, out_layers: Optional[int], slices: list[_Slice]) -> dict[str, Any] | None:
-        src = self.models[out_idx].config
-        if src is None:
-            return None
-        cfg = json.loads(json.dumps(src))
-        target = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) and "num_hidden_layers" not in cfg else cfg
-        if out_layers is not None:
-            for key in ("num_hidden_layers", "n_layer", "num_layers", "n_layers"):
-                if key in target:
-                    target[key] = out_layers
-                    break
-            else:
-                target["num_hidden_layers"] = out_layers
-            # per-layer lists (e.g. layer_types) follow the slices
-            for key, val in list(target.items()):
-                if isinstance(val, list) and out_layers and key in ("layer_types",):
-                    new: list[Any] = []
-                    ok = True
-                    for sl in slices:
-                        s0 = sl.sources[0]
-                        scfg = self.models[s0.model].config or {}
-                        sval = scfg.get(key)
-                        a, b = s0.layer_range or (0, 0)
-                        if not isinstance(sval, list) or len(sval) < b:
-                            ok = False
-                            break
-                        new.extend(sval[a:b])
-                    if ok:
-                        target[key] = new
-        # dtype
-        codes = {t.dtype for t in self.tasks if t.kind != "identical"}
-        from adaptkit.config import SAFETENSORS_TO_TORCH_NAME
-
-        if len(codes) == 1:
-            name = SAFETENSORS_TO_TORCH_NAME.get(next(iter(codes)))
-            if name:
-                keys = [k for k in ("torch_dtype", "dtype") if k in cfg] or ["torch_dtype"]
-                for k in keys:
-                    cfg[k] = name
-        # vocab
-        for t in self.tasks:
-            if _PRE_RE.search(t.out_name) and "embed" in t.out_name and len(t.shape) == 2:
-                if "vocab_size" in target:
-                    target["vocab_size"] = t.shape[0]
-                break
-        if self.out_tied is not None and "tie_word_embeddings" in target:
-            target["tie_word_embeddings"] = self.out_tied
-        return cfg
-
-    def _aux_source(self, base: Optional[int], slices: list[_Slice]) -> Optional[Path]:
-        ts = self.cfg.tokenizer_source
-        default = self.models[base if base is not None else slices[0].sources[0].model].path
-        if ts is None or ts == "base":
-            if ts == "base" and base is None:
-                raise ConfigError(f"{self.src}: tokenizer_source: base needs a base_model")
-            return default
-        if ts == "union":
-            # a union of identical tokenizers is that tokenizer; anything else needs vocabulary alignment
-            used = sorted({s.model for sl in slices for s in sl.sources} | ({base} if base is not None else set()))
-            blobs = {}
-            for mi in used:
-                p = self.models[mi].path
-                tok = p / "tokenizer.json" if p.is_dir() else None
-                blobs[mi] = tok.read_bytes() if tok is not None and tok.exists() else None
-            if len(set(blobs.values())) > 1:
-                raise ConfigError(
-                    f"{self.src}: tokenizer_source: union of different tokenizers is not supported "
-                    "(adaptkit does not align vocabularies); use 'base' or a model"
-                )
-            return default
-        if ts in self._by_ref:
-            return self.models[self._by_ref[ts]].path
-        path = resolve_model_path(ts, self.base_dir, self.src)  # a tokenizer-only folder is fine
-        if not (path / "tokenizer.json").is_file() and not (path / "tokenizer_config.json").is_file():
-            raise ConfigError(f"{self.src}: tokenizer_source {ts!r} has no tokenizer files (tokenizer.json)")
-        return path
-
 
 def build_plan(
     cfg: MergeConfig,
     config_path: Path | str | None,
-    registry: MergerRegistry,
+    registry: Optional[MergerRegistry] = None,
     *,
+    host: Any = None,
+    open_model: Optional[OpenModel] = None,
     seed: int = 0,
     allow_pickle: bool = False,
 ) -> MergePlan:
-    """Plan a merge (headers only). Raises ConfigError / CheckpointError with one-line messages."""
-    planner = _Planner(
-        cfg, Path(config_path) if config_path is not None else None, registry, seed=seed, allow_pickle=allow_pickle
-    )
+    """Plan a merge (headers only). Raises ConfigError / CheckpointError with one-line messages.
+
+    Models are opened with ``open_model`` (default: ``host.open_model``) and the method is looked up in
+    ``registry`` (default: ``host.mergers``); ``host`` defaults to a new plugin host
+    (:func:`adaptkit.plugins.get_plugin_manager`), so one host serves the registry and the loaders.
+    """
+    if host is None and (registry is None or open_model is None):
+        from adaptkit.plugins import get_plugin_manager
+
+        host = get_plugin_manager()
+    if registry is None:
+        registry = host.mergers
+    loaders = host.loaders if host is not None else None
+    if open_model is None:
+        open_model = host.open_model
+    path = Path(config_path) if config_path is not None else None
+    src = path.name if path else "config"
     try:
-        return planner.plan()
+        entry = registry.entry(cfg.merge_method)
+    except ConfigError as exc:
+        raise ConfigError(f"{src}: merge_method: {exc.one_line()}") from None
+    models = ModelSet(open_model, path.parent if path else Path.cwd(), src, allow_pickle=allow_pickle,
+                      loaders=loaders)
+    try:
+        return _Planner(cfg, path, entry, models).plan(seed)
     except BaseException:
-        for m in planner.models:
-            try:
-                m.ckpt.close()
-            except Exception:  # noqa: BLE001
-                pass
+        models.close()
         raise

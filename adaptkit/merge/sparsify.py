@@ -219,14 +219,6 @@ def _select(src: AbsDelta, k: int, chunk: int) -> "tuple[torch.Tensor, int]":
     return t, _cutoff(src, t, k - n_gt, chunk, None)
 
 
-def kth_largest(a: "torch.Tensor", k: int) -> "torch.Tensor":
-    """The ``k``-th largest value (1-based) of the non-negative tensor ``a`` (flattened), exactly."""
-    n = a.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} out of range for {n} elements")
-    return _select(AbsDelta(a), k, CHUNK)[0]
-
-
 class Masker:
     """A keep-mask produced chunk by chunk for ``combine_task_vectors``.
 

@@ -376,13 +376,19 @@ def _dare_in_place(d: "torch.Tensor", density: float, gen: "torch.Generator", re
 def _owned_distinct(inputs: "MergeInputs") -> bool:
     """Whether the method may overwrite ``inputs.tensors`` and ``inputs.base``: the engine marks inputs it
     upcast for this call only (``owned``), and every tensor must be its own contiguous storage."""
-    if not getattr(inputs, "owned", False):
+    if not inputs.owned:
         return False
     ts = [*inputs.tensors, inputs.base]
     if any(not t.is_contiguous() or not t.is_floating_point() for t in ts):
         return False
     ptrs = {t.untyped_storage().data_ptr() for t in ts}
     return len(ptrs) == len(ts)
+
+
+def rows_independent(params: list[dict[str, Any]], global_params: dict[str, Any]) -> bool:
+    """``task_arithmetic``'s declared ``row_separable``: without sparsification (every density 1) each output
+    element depends only on the same element of the inputs, so any block of rows can be merged alone."""
+    return all(float(p.get("density", 1.0)) >= 1.0 for p in params)
 
 
 def task_arithmetic(inputs: "MergeInputs") -> "torch.Tensor":

@@ -83,17 +83,61 @@ def test_parameters_follow_mergekit(reg, method, name, default, scope):
     assert p.scope == scope
 
 
-def test_method_shapes(reg):
-    m = {e.component.name: e.component for e in reg.entries()}
-    for name in ("task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
-                 "della", "della_linear", "slerp", "model_stock"):
-        assert m[name].requires_base, name
-    assert {n for n, c in m.items() if c.randomized} == {"dare_ties", "dare_linear", "della", "della_linear"}
-    assert (m["slerp"].min_models, m["slerp"].max_models) == (1, 1)
-    assert (m["nuslerp"].min_models, m["nuslerp"].max_models) == (2, 2)
-    assert m["model_stock"].min_models == 2
-    assert m["passthrough"].max_models == 1 and not m["passthrough"].uses_base
-    assert not m["linear"].uses_base
+# What mergekit documents about each method's inputs (not read from adaptkit's declarations).
+NEEDS_BASE = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
+              "della_linear", "slerp", "model_stock"}
+PARAMS = {"slerp": {"t": 0.5}, "model_stock": {}, "passthrough": {}, "nuslerp": {"weight": 0.5}}
+
+
+@pytest.fixture(scope="module")
+def trio(tmp_path_factory):
+    from adaptkit.testing.tiny import make_tiny_llama, perturbed_copy
+
+    root = tmp_path_factory.mktemp("trio")
+    make_tiny_llama(root / "base", seed=41)
+    for i, name in enumerate(("a", "b", "c"), start=1):
+        perturbed_copy(root / "base", root / name, seed=i)
+    return root
+
+
+def _try_plan(reg, root, method, models, base=None):
+    from adaptkit.config import parse_merge_config
+    from adaptkit.merge.plan import build_plan
+
+    raw = {"merge_method": method, "models": [{"model": str(root / m)} for m in models],
+           "parameters": PARAMS.get(method, {"weight": 0.5})}
+    if base:
+        raw["base_model"] = str(root / base)
+    try:
+        build_plan(parse_merge_config(raw), None, reg).close()
+    except ConfigError as exc:
+        return exc.one_line()
+    return None
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED))
+def test_model_count_and_base_rules_follow_mergekit(reg, trio, method):
+    """Planning (headers only) enforces mergekit's input rules: which methods need a base model, slerp takes
+    one model besides the base, nuslerp exactly two models, model_stock at least two fine-tunes, passthrough
+    one model per slice."""
+    err = _try_plan(reg, trio, method, ["a", "b"])
+    if method in NEEDS_BASE:
+        assert err is not None and "needs a base_model" in err
+    elif method == "passthrough":
+        assert err is not None and "at most 1" in err
+    else:
+        assert err is None, err
+    if method == "slerp":
+        assert _try_plan(reg, trio, method, ["a"], base="base") is None
+        assert "at most 1 non-base" in _try_plan(reg, trio, method, ["a", "b"], base="base")
+    if method == "nuslerp":
+        assert "at least 2" in _try_plan(reg, trio, method, ["a"])
+        assert "at most 2" in _try_plan(reg, trio, method, ["a", "b", "c"])
+    if method == "model_stock":
+        assert "at least 2 non-base" in _try_plan(reg, trio, method, ["a"], base="base")
+        assert _try_plan(reg, trio, method, ["a", "b"], base="base") is None
+    if method == "passthrough":
+        assert _try_plan(reg, trio, method, ["a"]) is None
 
 
 @pytest.mark.parametrize(

@@ -140,7 +140,7 @@ def test_builtin_linear_checks_inputs_on_the_result(tmp_path, monkeypatch, weigh
     from safetensors.torch import load_file, save_file
 
     from adaptkit.errors import CheckpointError
-    from adaptkit.merge import engine
+    from adaptkit.merge import budget, engine
     from adaptkit.testing.tiny import make_tiny_llama, perturbed_copy
 
     make_tiny_llama(tmp_path / "a", seed=0)
@@ -153,8 +153,8 @@ def test_builtin_linear_checks_inputs_on_the_result(tmp_path, monkeypatch, weigh
     t.view(-1)[t.numel() - 5] = float(bad)
     tensors[name] = t
     save_file(tensors, str(f), metadata={"format": "pt"})
-    monkeypatch.setattr(engine, "ROW_CHUNK_NUMEL", 256)
-    monkeypatch.setattr(engine, "PREFETCH_MAX_BYTES", 0)  # no prefetch: large tensors go in row blocks
+    monkeypatch.setattr(budget, "ROW_CHUNK_NUMEL", 256)
+    monkeypatch.setattr(budget, "PREFETCH_MAX_BYTES", 0)  # no prefetch: large tensors go in row blocks
     cfg = {"merge_method": "linear", "dtype": "bfloat16",
            "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": weights[0]}},
                       {"model": str(tmp_path / "bad"), "parameters": {"weight": weights[1]}}]}

@@ -1,0 +1,167 @@
+"""The input models of a merge: references, paths, and opening them through the loader registry.
+
+A model reference in a config is a local folder or checkpoint file (a ``.gguf`` file, a single
+``.safetensors`` file), absolute or relative to the config's folder; adaptkit never downloads, so a
+Hub-style id that is not a local path is an error saying so. Each distinct path is opened once, lazily
+(headers only), with ``open_model`` -- the plugin host's :meth:`~adaptkit.plugins.PluginHost.open_model`,
+which picks the loader (safetensors, quantized checkpoints and GGUF files dequantized on load, a plugin's
+format) and records it on the checkpoint (``loader``, ``source_format``). Imports no torch.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from adaptkit.errors import CheckpointError, ConfigError, PluginError
+from adaptkit.merge.slices import stacks_of
+from adaptkit.merge.tied import is_tied
+
+_HUB_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+OpenModel = Callable[..., Any]  #: ``open_model(path, **options) -> checkpoint`` (``PluginHost.open_model``)
+
+
+def resolve_model_path(ref: str, base_dir: Path | None, src: str) -> Path:
+    """The absolute local path of a model reference (a folder or a checkpoint file)."""
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"{src}: a model reference must be a non-empty string")
+    if "+" in ref and not Path(ref).exists():
+        raise ConfigError(f"{src}: model {ref!r}: LoRA references ('model+adapter') are not supported")
+    p = Path(ref).expanduser()
+    if not p.is_absolute() and base_dir is not None:
+        p = base_dir / p
+    if p.exists():
+        return p.resolve()
+    if _HUB_RE.match(ref) and not ref.startswith((".", "/", "~")):
+        raise CheckpointError(
+            f"{src}: model {ref!r} is not a local folder (adaptkit never downloads; looked for {p})"
+        )
+    raise CheckpointError(f"{src}: model folder or file not found: {ref!r} (looked for {p})")
+
+
+@dataclass
+class ModelEntry:
+    """One distinct input model."""
+
+    ref: str  #: as first written in the config (messages name it)
+    path: Path
+    ckpt: Any  #: the opened checkpoint (``adaptkit.io.Checkpoint`` interface; lazy)
+    config: dict[str, Any] | None
+    stacks: dict[str, int] = field(default_factory=dict)  #: layer-stack prefix -> number of layers
+    loader: str = "adaptkit:safetensors"  #: qualified name of the loader that opened it
+    source_format: Optional[str] = None  #: the quantized format it was dequantized from (None: float weights)
+    #: its loader computes tensors on read (declares ``dequantizes``: GGUF, quantized checkpoints), so a block of
+    #: rows costs as much as the whole tensor
+    decoded_on_read: bool = False
+
+    @property
+    def dequantized(self) -> bool:
+        """Whether its weights were dequantized from a quantized format (``source_format`` is set)."""
+        return self.source_format is not None
+
+    @property
+    def tied(self) -> bool:
+        return is_tied(self.config, self.ckpt)
+
+    def files(self) -> list[dict[str, Any]]:
+        """Name (relative to the model folder) and size of each file its tensors come from."""
+        paths = getattr(self.ckpt, "files", None) or ([self.path] if self.path.is_file() else [])
+        root = self.path if self.path.is_dir() else self.path.parent
+        out = []
+        for p in paths:
+            p = Path(p)
+            try:
+                name = p.relative_to(root).as_posix()
+            except ValueError:
+                name = p.name
+            try:
+                size = p.stat().st_size
+            except OSError:
+                size = None
+            out.append({"name": name, "size": size})
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"ref": self.ref, "path": str(self.path), "loader": self.loader,
+                "source_format": self.source_format, "dequantized": self.dequantized}
+
+
+class ModelSet:
+    """The distinct models of a merge, opened on first reference (one entry per path; every reference that
+    names the same path maps to it)."""
+
+    def __init__(self, open_model: OpenModel, base_dir: Path | None, src: str, *, allow_pickle: bool = False,
+                 loaders: Any = None) -> None:
+        self.open_model = open_model
+        self.base_dir = base_dir
+        self.src = src
+        self.allow_pickle = allow_pickle
+        self.loaders = loaders  #: the loader registry (to know which loaders dequantize), if known
+        self.models: list[ModelEntry] = []
+        self._by_path: dict[Path, int] = {}
+        self._by_ref: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.models)
+
+    def __getitem__(self, i: int) -> ModelEntry:
+        return self.models[i]
+
+    def index(self, ref: str) -> int:
+        """The index of the model ``ref`` names, opening it on first use."""
+        if ref in self._by_ref:
+            return self._by_ref[ref]
+        path = resolve_model_path(ref, self.base_dir, self.src)
+        if path in self._by_path:
+            idx = self._by_path[path]
+        else:
+            idx = len(self.models)
+            self.models.append(self._open(ref, path))
+            self._by_path[path] = idx
+        self._by_ref[ref] = idx
+        return idx
+
+    def known(self, ref: str) -> Optional[int]:
+        """The index of ``ref`` if a config reference already named it (opens nothing)."""
+        return self._by_ref.get(ref)
+
+    def label(self, i: int) -> str:
+        return self.models[i].ref
+
+    def _open(self, ref: str, path: Path) -> ModelEntry:
+        options = {"allow_pickle": True} if self.allow_pickle else {}
+        try:
+            ckpt = self.open_model(path, **options)
+        except (CheckpointError, PluginError) as exc:
+            raise type(exc)(f"model {ref!r}: {exc.one_line()}") from None
+        try:
+            loader = str(getattr(ckpt, "loader", None) or "adaptkit:safetensors")
+            source_format = getattr(ckpt, "source_format", None)
+            decoded = source_format is not None or self._loader_dequantizes(loader)
+            cfg = ckpt.config
+            return ModelEntry(ref=ref, path=path, ckpt=ckpt, config=cfg, stacks=stacks_of(ckpt.names()),
+                              loader=loader, source_format=source_format, decoded_on_read=decoded)
+        except BaseException:
+            _close(ckpt)
+            raise
+
+    def _loader_dequantizes(self, loader: str) -> bool:
+        if self.loaders is None:
+            return False
+        try:
+            return bool(self.loaders.get(loader).dequantizes)
+        except Exception:  # noqa: BLE001 - a name the registry does not know: not declared
+            return False
+
+    def close(self) -> None:
+        for m in self.models:
+            _close(m.ckpt)
+
+
+def _close(ckpt: Any) -> None:
+    try:
+        ckpt.close()
+    except Exception:  # noqa: BLE001
+        pass
