@@ -42,11 +42,43 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=False)
 
 
+def _model_reference(v: Any) -> Any:
+    """mergekit's model reference forms, as one string: ``PATH``, ``"BASE+ADAPTER"``, or the mapping
+    ``{model: PATH | {path: PATH}, lora: PATH | {path: PATH}}`` (-> ``"PATH+LORA"``)."""
+    if not isinstance(v, dict):
+        return v
+
+    def path_of(x: Any, key: str) -> str:
+        if isinstance(x, str) and x.strip():
+            return x
+        if isinstance(x, dict) and set(x) <= {"path", "revision"} and isinstance(x.get("path"), str):
+            if x.get("revision"):
+                raise ValueError(f"{key}.revision: adaptkit reads local folders only (no hub revisions)")
+            return x["path"]
+        raise ValueError(f"{key} must be a path or {{path: PATH}}, got {x!r}")
+
+    unknown = sorted(set(v) - {"model", "lora", "override_architecture"})
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], ["model", "lora"], n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown key {unknown[0]!r} in a model reference{hint} (valid keys: model, lora)")
+    if v.get("override_architecture"):
+        raise ValueError("override_architecture is not supported")
+    if "model" not in v:
+        raise ValueError("a model reference mapping needs 'model'")
+    ref = path_of(v["model"], "model")
+    if v.get("lora") is not None:
+        ref += "+" + path_of(v["lora"], "lora")
+    return ref
+
+
 class InputModel(_Strict):
     """``models[i]``: a model and its per-model parameters."""
 
     model: str
     parameters: Optional[dict[str, Any]] = None
+
+    _ref = field_validator("model", mode="before")(classmethod(lambda cls, v: _model_reference(v)))
 
 
 class InputSlice(_Strict):
@@ -55,6 +87,8 @@ class InputSlice(_Strict):
     model: str
     layer_range: tuple[int, int]
     parameters: Optional[dict[str, Any]] = None
+
+    _ref = field_validator("model", mode="before")(classmethod(lambda cls, v: _model_reference(v)))
 
     @field_validator("layer_range")
     @classmethod
@@ -69,6 +103,8 @@ class OutputSlice(_Strict):
 
     sources: list[InputSlice]
     base_model: Optional[str] = None
+
+    _base_ref = field_validator("base_model", mode="before")(classmethod(lambda cls, v: _model_reference(v)))
     parameters: Optional[dict[str, Any]] = None
 
     @field_validator("sources")
@@ -84,6 +120,8 @@ class MergeConfig(_Strict):
 
     merge_method: str
     base_model: Optional[str] = None
+
+    _base_ref = field_validator("base_model", mode="before")(classmethod(lambda cls, v: _model_reference(v)))
     models: Optional[list[InputModel]] = None
     slices: Optional[list[OutputSlice]] = None
     parameters: Optional[dict[str, Any]] = None

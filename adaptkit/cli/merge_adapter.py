@@ -77,9 +77,9 @@ def base_quantization_option(kind: str, blocksize: int | None, double_quant: boo
               help="With --base-quantization: dtype the base was loaded in before quantizing (default: as stored).")
 @click.option("--into-adapter", is_flag=True,
               help="Merge the LoRA adapters into ONE LoRA adapter (OUT is a PEFT folder) instead of into the base.")
-@click.option("--method", "-m", default="linear", show_default=True, metavar="NAME",
-              help="--into-adapter: merge method applied to the weight deltas (linear, task_arithmetic, ties, "
-                   "dare_ties, dare_linear, ... any registered one).")
+@click.option("--method", "-m", default=None, metavar="NAME",
+              help="--into-adapter: merge method applied to the weight deltas (default linear; task_arithmetic, "
+                   "ties, dare_ties, dare_linear, ... any registered one).")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="--into-adapter: a parameter of the merge method (e.g. -o density=0.5, -o normalize=false).")
 @click.option("--rank", type=click.IntRange(min=1), default=None,
@@ -124,12 +124,13 @@ def merge_adapter(paths: tuple[str, ...], weights: str | None, dtype: str, devic
         from adaptkit.adapters.merge import merge_into_adapter
 
         def _run() -> Any:
-            return merge_into_adapter(host, base, adapters, out, method=method, options=parse_options(options),
+            return merge_into_adapter(host, base, adapters, out, method=method or "linear",
+                                      options=parse_options(options),
                                       weights=w, rank=rank, exact=exact, seed=seed, device=device,
                                       dtype=None if dtype == "auto" else dtype, assume_same_base=assume_same_base,
                                       force=force, progress=not quiet)
 
-        doc = host.run_step("merge-adapter", method, _run, base=base, adapters=adapters, output=out)
+        doc = host.run_step("merge-adapter", method or "linear", _run, base=base, adapters=adapters, output=out)
         if as_json:
             click.echo(json.dumps(doc, indent=2))
             return
@@ -140,7 +141,7 @@ def merge_adapter(paths: tuple[str, ...], weights: str | None, dtype: str, devic
         for name, m in doc["per_module"].items():
             click.echo(f"  {name}  {m['rank']}  {m['energy']:.6f}  {m['rel_error']:.3g}")
         return
-    if method != "linear" or options or rank is not None or exact or assume_same_base:
+    if method is not None or options or rank is not None or exact or assume_same_base:
         raise ConfigError("--method/--option/--rank/--exact/--assume-same-base apply to --into-adapter only")
     policy = base_quantization_option(base_quant, blocksize, double_quant, quant_dtype)
     shard = None

@@ -103,7 +103,11 @@ class TensorExecutor:
 
     # -- reading -----------------------------------------------------------------------------------
     def _raw(self, mi: int, name: str) -> Any:
-        return self.plan.models[mi].ckpt.get(name)
+        ckpt = self.plan.models[mi].ckpt
+        # a view that computes tensors (a base with adapters merged in) hands over its fp32 result, so the
+        # merge rounds once, at the end
+        get_fp32 = getattr(ckpt, "get_fp32", None)
+        return get_fp32(name) if callable(get_fp32) else ckpt.get(name)
 
     def _check_finite(self, t: Any, mi: int, name: str) -> None:
         torch = self.torch

@@ -23,12 +23,27 @@ _HUB_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 OpenModel = Callable[..., Any]  #: ``open_model(path, **options) -> checkpoint`` (``PluginHost.open_model``)
 
 
+def split_adapter_ref(ref: str, base_dir: Path | None) -> tuple[str, list[str]]:
+    """mergekit's adapter reference ``"BASE+ADAPTER[+ADAPTER...]"`` -> (base, adapters). A path that exists as
+    written (relative to ``base_dir`` too) may contain ``+`` and is a plain reference; otherwise the longest
+    existing base prefix wins."""
+    def exists(r: str) -> bool:
+        p = Path(r).expanduser()
+        return p.exists() or (not p.is_absolute() and base_dir is not None and (base_dir / p).exists())
+
+    if "+" not in ref or exists(ref):
+        return ref, []
+    parts = ref.split("+")
+    for i in range(len(parts) - 1, 0, -1):
+        if exists("+".join(parts[:i])):
+            return "+".join(parts[:i]), parts[i:]
+    return parts[0], parts[1:]
+
+
 def resolve_model_path(ref: str, base_dir: Path | None, src: str) -> Path:
-    """The absolute local path of a model reference (a folder or a checkpoint file)."""
+    """The absolute local path of a model reference (a folder or a checkpoint file, no adapters)."""
     if not isinstance(ref, str) or not ref.strip():
         raise ConfigError(f"{src}: a model reference must be a non-empty string")
-    if "+" in ref and not Path(ref).exists():
-        raise ConfigError(f"{src}: model {ref!r}: LoRA references ('model+adapter') are not supported")
     p = Path(ref).expanduser()
     if not p.is_absolute() and base_dir is not None:
         p = base_dir / p
@@ -100,7 +115,7 @@ class ModelSet:
         self.allow_pickle = allow_pickle
         self.loaders = loaders  #: the loader registry (to know which loaders dequantize), if known
         self.models: list[ModelEntry] = []
-        self._by_path: dict[Path, int] = {}
+        self._by_path: dict[tuple[Path, tuple[Path, ...]], int] = {}
         self._by_ref: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -113,13 +128,18 @@ class ModelSet:
         """The index of the model ``ref`` names, opening it on first use."""
         if ref in self._by_ref:
             return self._by_ref[ref]
-        path = resolve_model_path(ref, self.base_dir, self.src)
-        if path in self._by_path:
-            idx = self._by_path[path]
+        if not isinstance(ref, str) or not ref.strip():
+            raise ConfigError(f"{self.src}: a model reference must be a non-empty string")
+        base_ref, adapter_refs = split_adapter_ref(ref, self.base_dir)
+        path = resolve_model_path(base_ref, self.base_dir, self.src)
+        adapters = tuple(resolve_model_path(a, self.base_dir, self.src) for a in adapter_refs)
+        key = (path, adapters)
+        if key in self._by_path:
+            idx = self._by_path[key]
         else:
             idx = len(self.models)
-            self.models.append(self._open(ref, path))
-            self._by_path[path] = idx
+            self.models.append(self._open(ref, path, adapters))
+            self._by_path[key] = idx
         self._by_ref[ref] = idx
         return idx
 
@@ -130,16 +150,24 @@ class ModelSet:
     def label(self, i: int) -> str:
         return self.models[i].ref
 
-    def _open(self, ref: str, path: Path) -> ModelEntry:
+    def _open(self, ref: str, path: Path, adapters: tuple[Path, ...] = ()) -> ModelEntry:
         options = {"allow_pickle": True} if self.allow_pickle else {}
         try:
             ckpt = self.open_model(path, **options)
-        except (CheckpointError, PluginError) as exc:
+            if adapters:  # mergekit's "base+adapter": the base with each adapter merged in, computed on read
+                from adaptkit.adapters.view import AdaptedCheckpoint
+
+                try:
+                    ckpt = AdaptedCheckpoint(ckpt, list(adapters), close_base=True)
+                except BaseException:
+                    _close(ckpt)
+                    raise
+        except (CheckpointError, PluginError, ConfigError) as exc:
             raise type(exc)(f"model {ref!r}: {exc.one_line()}") from None
         try:
             loader = str(getattr(ckpt, "loader", None) or "adaptkit:safetensors")
             source_format = getattr(ckpt, "source_format", None)
-            decoded = source_format is not None or self._loader_dequantizes(loader)
+            decoded = bool(adapters) or source_format is not None or self._loader_dequantizes(loader)
             cfg = ckpt.config
             return ModelEntry(ref=ref, path=path, ckpt=ckpt, config=cfg, stacks=stacks_of(ckpt.names()),
                               loader=loader, source_format=source_format, decoded_on_read=decoded)
