@@ -51,6 +51,7 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/merge_vs_mergekit.py
 	$(PY) benchmarks/quant_quality.py
+	$(PY) benchmarks/eval_vs_lmeval.py
 
 # Interop tier: GPTQModel / AutoAWQ / optimum in their own venv (GPTQModel downgrades numpy; ~5 min install).
 INTEROP := .venv-interop
