@@ -79,31 +79,8 @@ def flores_eng(**_: Any) -> list[dict[str, str]]:
     return [{"text": s} for s in _flores()]
 
 
-def clean_wikitext(body: str) -> str:
-    """The prose paragraphs of one article's wikitext (markup removed, non-prose lines dropped)."""
-    import html
-
-    t = html.unescape(body)
-    t = re.sub(r"<!--.*?-->", "", t, flags=re.S)
-    t = re.sub(r"<ref[^>]*/>", "", t)
-    t = re.sub(r"<ref[^>]*>.*?</ref>", "", t, flags=re.S)
-    t = re.sub(r"<[^>]+>", "", t)
-    prev = None
-    while prev != t:  # innermost first: templates and tables nest
-        prev = t
-        t = re.sub(r"\{\{[^{}]*\}\}", "", t)
-        t = re.sub(r"\{\|[^{}]*?\|\}", "", t, flags=re.S)
-        t = re.sub(r"\[\[(?:File|Image|Category|[a-z\-]{2,12}):[^\[\]]*\]\]", "", t)
-    t = re.sub(r"\[\[(?:[^\]|]*\|)?([^\]|]*)\]\]", r"\1", t)  # [[target|label]] -> label
-    t = re.sub(r"\[https?://\S+ ([^\]]*)\]", r"\1", t)
-    t = re.sub(r"'{2,}", "", t)
-    keep = []
-    for line in t.splitlines():
-        s = line.strip()
-        leftover = any(m in s for m in ("{{", "}}", "[[", "]]", "{|", "|}"))
-        if len(s) >= 60 and s[0] not in "|!{}*#:;=[" and re.match(r"[A-Z0-9\"(]", s) and not leftover:
-            keep.append(s)
-    return "\n".join(keep)
+# the same prose filter as the built-in calibration text (one implementation, in core)
+from adaptkit.quantize.calib import clean_wikitext  # noqa: E402
 
 
 @functools.lru_cache(maxsize=None)
