@@ -16,6 +16,12 @@ pytest.importorskip("torch")
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
+def _default_sigint() -> None:
+    """In the child before exec: a shell's background job starts with SIGINT ignored, and Python then keeps
+    it ignored (as nohup wants); the test needs the interactive default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _adaptkit(*args: object) -> list[str]:
     return [sys.executable, "-m", "adaptkit", *map(str, args)]
 
@@ -51,7 +57,7 @@ def _gptq_args(model: Path, out: Path) -> list[str]:
 def test_signal_during_quantize_leaves_nothing(slow_model, tmp_path, sig, code) -> None:
     out = tmp_path / "q"
     proc = subprocess.Popen(_gptq_args(slow_model, out), env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+                            text=True, preexec_fn=_default_sigint)
     _wait_for_tmp(tmp_path, proc)
     time.sleep(0.3)
     proc.send_signal(sig)
