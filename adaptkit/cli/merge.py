@@ -37,8 +37,10 @@ def _size(value: str) -> int:
 @click.option("--allow-pickle", is_flag=True,
               help="Read legacy pickle weights (.bin/.pt) with torch.load(weights_only=True). Off by default.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress on stderr.")
+@click.option("--strict", is_flag=True,
+              help="Make warnings errors (a parameter the merge method ignores, e.g. a per-model weight for slerp).")
 def merge(config_file: Path, out: Path, device: str, threads: Optional[int], seed: int, max_shard_size: str,
-          dry_run: bool, force: bool, as_json: bool, allow_pickle: bool, quiet: bool) -> None:
+          dry_run: bool, force: bool, as_json: bool, allow_pickle: bool, quiet: bool, strict: bool) -> None:
     """Merge the models of CONFIG.yml (mergekit's YAML schema) into the folder OUT.
 
     Every tensor of every input is merged, passed through, or excluded by an explicit config rule;
@@ -58,8 +60,11 @@ def merge(config_file: Path, out: Path, device: str, threads: Optional[int], see
     cfg = load_merge_config(config_file)
     check_output_target(out, force)
     t0 = time.perf_counter()
-    plan = build_plan(cfg, config_file, host.mergers, host=host, seed=seed, allow_pickle=allow_pickle)
+    plan = build_plan(cfg, config_file, host.mergers, host=host, seed=seed, allow_pickle=allow_pickle,
+                      strict=strict)
     try:
+        for w in plan.warnings:
+            click.echo(f"warning: {w}", err=True)
         summary = plan.summary(device)
         if dry_run:
             summary.update({"dry_run": True, "output": str(out), "plan_seconds": round(time.perf_counter() - t0, 3)})

@@ -23,8 +23,10 @@ def model_card(plan: Any, recipe: str, stats: Mapping[str, int]) -> str:
     and the input tensors left out."""
     from adaptkit import __version__
 
+    merged = plan.merged_models
     models = "\n".join(
         f"* `{m.path}`" + (" (base)" if i == plan.base_index else "") + f" — loader {_loader_note(m)}"
+        + ("" if i in merged else " — not merged (gives config.json and tokenizer files only)")
         for i, m in enumerate(plan.models)
     )
     stat_lines = "\n".join(f"* {k}: {v}" for k, v in sorted(stats.items())) or "* none"
@@ -63,8 +65,9 @@ This model was merged with adaptkit {__version__} using the
 def provenance(plan: Any, *, settings: Mapping[str, Any], result: Mapping[str, Any]) -> dict[str, Any]:
     """The merge's part of ``adaptkit.json``."""
     inputs = []
+    merged = plan.merged_models
     for i, m in enumerate(plan.models):
-        inputs.append({**m.describe(), "base": i == plan.base_index, "files": m.files()})
+        inputs.append({**m.describe(), "base": i == plan.base_index, "merged": i in merged, "files": m.files()})
     return {
         "method": plan.method_name,
         "method_qualified": plan.method_qualified,

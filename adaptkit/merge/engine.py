@@ -210,11 +210,13 @@ def merge(
     max_shard_size: int = 5 * 2**30,
     force: bool = False,
     progress: Optional[ProgressFn] = None,
+    strict: bool = False,
 ) -> MergeResult:
     """One call for library users and ``adaptkit run``: ``config`` is a YAML path, a mapping, or a
     :class:`~adaptkit.config.MergeConfig`. One plugin ``host`` (default: a new one) provides the loaders, the
     merge methods (unless ``registry`` is given) and the step hook. Relative model paths resolve against the
-    YAML file's folder (the working directory for a mapping)."""
+    working directory (as mergekit), else the YAML file's folder (both existing and different: an error).
+    ``strict``: a parameter the method ignores is an error instead of a warning (``plan.warnings``)."""
     from adaptkit.config import MergeConfig, load_merge_config, parse_merge_config
 
     config_path: Optional[Path] = None
@@ -230,7 +232,7 @@ def merge(
 
         host = get_plugin_manager()
     plan = build_plan(cfg, config_path, registry if registry is not None else host.mergers, host=host, seed=seed,
-                      allow_pickle=allow_pickle)
+                      allow_pickle=allow_pickle, strict=strict)
     try:
         return run_merge_step(
             host, plan, out, info={"config": str(config_path) if config_path else None},

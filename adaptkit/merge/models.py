@@ -1,7 +1,8 @@
 """The input models of a merge: references, paths, and opening them through the loader registry.
 
 A model reference in a config is a local folder or checkpoint file (a ``.gguf`` file, a single
-``.safetensors`` file), absolute or relative to the config's folder; adaptkit never downloads, so a
+``.safetensors`` file), absolute or relative to the working directory (mergekit's rule; the config's folder
+when it exists only there; an error when both exist and differ); adaptkit never downloads, so a
 Hub-style id that is not a local path is an error saying so. Each distinct path is opened once, lazily
 (headers only), with ``open_model`` -- the plugin host's :meth:`~adaptkit.plugins.PluginHost.open_model`,
 which picks the loader (safetensors, quantized checkpoints and GGUF files dequantized on load, a plugin's
@@ -23,37 +24,59 @@ _HUB_RE = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
 OpenModel = Callable[..., Any]  #: ``open_model(path, **options) -> checkpoint`` (``PluginHost.open_model``)
 
 
+def _candidates(ref: str, base_dir: Path | None) -> list[Path]:
+    """Where a reference may point: as written (absolute), else relative to the working directory (mergekit's
+    rule) and then to the config file's folder."""
+    p = Path(ref).expanduser()
+    if p.is_absolute():
+        return [p]
+    out = [Path.cwd() / p]
+    if base_dir is not None and (Path(base_dir) / p).absolute() != out[0].absolute():
+        out.append(Path(base_dir) / p)
+    return out
+
+
+def _exists(ref: str, base_dir: Path | None) -> bool:
+    return any(c.exists() for c in _candidates(ref, base_dir))
+
+
 def split_adapter_ref(ref: str, base_dir: Path | None) -> tuple[str, list[str]]:
     """mergekit's adapter reference ``"BASE+ADAPTER[+ADAPTER...]"`` -> (base, adapters). A path that exists as
-    written (relative to ``base_dir`` too) may contain ``+`` and is a plain reference; otherwise the longest
-    existing base prefix wins."""
-    def exists(r: str) -> bool:
-        p = Path(r).expanduser()
-        return p.exists() or (not p.is_absolute() and base_dir is not None and (base_dir / p).exists())
-
-    if "+" not in ref or exists(ref):
+    written (relative to the working directory or ``base_dir``) may contain ``+`` and is a plain reference;
+    otherwise the longest existing base prefix wins."""
+    if "+" not in ref or _exists(ref, base_dir):
         return ref, []
     parts = ref.split("+")
     for i in range(len(parts) - 1, 0, -1):
-        if exists("+".join(parts[:i])):
+        if _exists("+".join(parts[:i]), base_dir):
             return "+".join(parts[:i]), parts[i:]
     return parts[0], parts[1:]
 
 
 def resolve_model_path(ref: str, base_dir: Path | None, src: str) -> Path:
-    """The absolute local path of a model reference (a folder or a checkpoint file, no adapters)."""
+    """The absolute local path of a model reference (a folder or a checkpoint file, no adapters).
+
+    A relative reference resolves against the working directory, as mergekit does; when it does not exist
+    there, against the config file's folder (``base_dir``; mergekit would fail). When both exist and are
+    different things, the reference is ambiguous: a ConfigError, so the same command never opens a different
+    model than mergekit would without saying so."""
     if not isinstance(ref, str) or not ref.strip():
         raise ConfigError(f"{src}: a model reference must be a non-empty string")
-    p = Path(ref).expanduser()
-    if not p.is_absolute() and base_dir is not None:
-        p = base_dir / p
-    if p.exists():
-        return p.resolve()
+    cands = _candidates(ref, base_dir)
+    found = [c for c in cands if c.exists()]
+    if len(found) == 2 and found[0].resolve() != found[1].resolve():
+        raise ConfigError(
+            f"{src}: model path {ref!r} is ambiguous: it exists both relative to the working directory "
+            f"({found[0].resolve()}) and to the config file's folder ({found[1].resolve()}); write an absolute path"
+        )
+    if found:
+        return found[0].resolve()
+    looked = " and ".join(str(c) for c in cands)
     if _HUB_RE.match(ref) and not ref.startswith((".", "/", "~")):
         raise CheckpointError(
-            f"{src}: model {ref!r} is not a local folder (adaptkit never downloads; looked for {p})"
+            f"{src}: model {ref!r} is not a local folder (adaptkit never downloads; looked for {looked})"
         )
-    raise CheckpointError(f"{src}: model folder or file not found: {ref!r} (looked for {p})")
+    raise CheckpointError(f"{src}: model folder or file not found: {ref!r} (looked for {looked})")
 
 
 @dataclass

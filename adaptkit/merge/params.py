@@ -107,9 +107,15 @@ def resolve_param(p: Param, scopes: list[dict[str, Any] | None], tensor_name: st
 
 
 def validate_parameter_block(
-    method: MergeMethod, method_name: str, block: dict[str, Any] | None, where: str, *, per_model: bool
+    method: MergeMethod, method_name: str, block: dict[str, Any] | None, where: str, *, per_model: bool,
+    known_elsewhere: frozenset[str] | set[str] = frozenset(), warnings: list[str] | None = None,
 ) -> None:
-    """``where`` is ``"<file>: <location>"``; messages read ``<file>: unknown key 'x' in <location>; ...``."""
+    """``where`` is ``"<file>: <location>"``; messages read ``<file>: unknown key 'x' in <location>; ...``.
+
+    A key this method does not declare but another registered method does (``known_elsewhere``; e.g. a
+    per-model ``weight`` in a mergekit ``slerp`` config) is not a typo: it is ignored with a one-line entry in
+    ``warnings`` (mergekit ignores it silently). A key no method knows is an error naming the nearest one.
+    """
     if not block:
         return
     src, _, loc = where.partition(": ")
@@ -119,6 +125,11 @@ def validate_parameter_block(
     for key, setting in block.items():
         p = method.param(str(key))
         if p is None:
+            if str(key) in known_elsewhere and warnings is not None:
+                warnings.append(
+                    f"{src}: parameter {key!r} in {loc} is ignored: merge method {method_name!r} does not use it"
+                )
+                continue
             if not names:
                 raise ConfigError(f"{where}: merge method {method_name!r} takes no parameters (got {key!r})")
             raise ConfigError(f"{src}: unknown key {key!r} in {loc}{nearest_hint(key, names)}")
@@ -129,17 +140,21 @@ def validate_parameter_block(
         validate_setting(p, setting, where)
 
 
-def validate_config_parameters(method: MergeMethod, cfg: MergeConfig, src: str) -> None:
-    """Every ``parameters`` block of ``cfg`` (top level, per model, per slice and per slice source)."""
+def validate_config_parameters(method: MergeMethod, cfg: MergeConfig, src: str, *,
+                               known_elsewhere: frozenset[str] | set[str] = frozenset(),
+                               warnings: list[str] | None = None) -> None:
+    """Every ``parameters`` block of ``cfg`` (top level, per model, per slice and per slice source).
+    ``known_elsewhere``/``warnings``: see :func:`validate_parameter_block`."""
     name = cfg.merge_method
-    validate_parameter_block(method, name, cfg.parameters, f"{src}: parameters", per_model=False)
+    kw = {"known_elsewhere": known_elsewhere, "warnings": warnings}
+    validate_parameter_block(method, name, cfg.parameters, f"{src}: parameters", per_model=False, **kw)
     for i, m in enumerate(cfg.models or []):
-        validate_parameter_block(method, name, m.parameters, f"{src}: models[{i}].parameters", per_model=True)
+        validate_parameter_block(method, name, m.parameters, f"{src}: models[{i}].parameters", per_model=True, **kw)
     for i, s in enumerate(cfg.slices or []):
-        validate_parameter_block(method, name, s.parameters, f"{src}: slices[{i}].parameters", per_model=False)
+        validate_parameter_block(method, name, s.parameters, f"{src}: slices[{i}].parameters", per_model=False, **kw)
         for j, so in enumerate(s.sources):
             validate_parameter_block(
-                method, name, so.parameters, f"{src}: slices[{i}].sources[{j}].parameters", per_model=True
+                method, name, so.parameters, f"{src}: slices[{i}].sources[{j}].parameters", per_model=True, **kw
             )
 
 

@@ -61,6 +61,13 @@ class MergePlan:
     seed: int = 0
     notes: list[str] = field(default_factory=list)
     method_qualified: str = ""  #: ``distribution:name`` of the method (who provides it)
+    #: one-line warnings (parameters the method ignores); ``--strict`` turns them into errors
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def merged_models(self) -> set[int]:
+        """Indices of the models whose tensors go into the output (the others give files only)."""
+        return {mi for t in self.tasks for mi, _ in t.all_inputs()}
 
     @property
     def aux_source(self) -> Optional[Path]:
@@ -103,6 +110,7 @@ class MergePlan:
             "num_hidden_layers": (self.out_config or {}).get("num_hidden_layers"),
             "seed": self.seed,
             "notes": list(self.notes),
+            "warnings": list(self.warnings),
         }
 
     def resolved_config(self) -> MergeConfig:
@@ -139,7 +147,8 @@ class MergePlan:
 
 
 class _Planner:
-    def __init__(self, cfg: MergeConfig, config_path: Path | None, entry: Any, models: ModelSet) -> None:
+    def __init__(self, cfg: MergeConfig, config_path: Path | None, entry: Any, models: ModelSet,
+                 known_params: frozenset[str] = frozenset()) -> None:
         self.cfg = cfg
         self.config_path = config_path
         self.src = models.src
@@ -150,12 +159,16 @@ class _Planner:
         self.label = models.label
         self.excluded: list[tuple[str, str, str]] = []
         self.notes: list[str] = []
+        self.warnings: list[str] = []
+        self.known_params = known_params
         self.tasks: list[TensorTask] = []
         self.exclude_patterns = list(cfg.exclude or [])
 
     def plan(self, seed: int) -> MergePlan:
         cfg, method = self.cfg, self.method
-        validate_config_parameters(method, cfg, self.src)
+        raw_warnings: list[str] = []
+        validate_config_parameters(method, cfg, self.src, known_elsewhere=self.known_params, warnings=raw_warnings)
+        self.warnings = _merge_warnings(raw_warnings)
         base = self.models.index(cfg.base_model) if cfg.base_model else None
         if method.requires_base and base is None and not any(s.base_model for s in cfg.slices or []):
             raise ConfigError(f"{self.src}: merge method {cfg.merge_method!r} needs a base_model")
@@ -185,7 +198,7 @@ class _Planner:
             config=cfg, config_path=self.config_path, method=method, method_name=cfg.merge_method,
             models=self.models.models, base_index=base, tasks=self.tasks, excluded=self.excluded,
             out_config=out_config, aux=aux, chat_template=template, seed=seed, notes=self.notes,
-            method_qualified=self.method_qualified,
+            method_qualified=self.method_qualified, warnings=self.warnings,
         )
 
     # -- structure ---------------------------------------------------------------------------------
@@ -201,8 +214,15 @@ class _Planner:
                     raise ConfigError(f"{self.src}: models[{i}]: model {m.model!r} is listed twice")
                 seen.add(idx)
                 sources.append(Source(idx, m.parameters))
-            if base is not None and base not in seen and self.method.uses_base:
+            if base is not None and base not in seen:
+                # mergekit adds a base_model missing from `models` to the merged models, whatever the method
+                # (a `linear` merge averages it in with the top-level parameters): so does adaptkit
                 sources.append(Source(base, None))
+                if not self.method.uses_base:
+                    self.notes.append(
+                        f"base_model {self.label(base)!r} is not listed under models: merged like any model "
+                        "(as mergekit does), with the top-level parameters"
+                    )
             slices.append(Slice(sources, base, None, "models"))
         else:
             for i, s in enumerate(cfg.slices or []):
@@ -246,9 +266,13 @@ class _Planner:
                 f"{what}, got {n}"
             )
         if method.max_models is not None and n > method.max_models:
+            added = ("" if sl.where != "models" or base is not None or sl.base is None
+                     or any(m.model == self.cfg.base_model for m in self.cfg.models or [])
+                     else " (the base_model counts: like mergekit, adaptkit merges a base_model that is not "
+                          "listed under models as one of the models)")
             raise ConfigError(
                 f"{self.src}: {sl.where}: merge method {self.method_name!r} takes at most {method.max_models} "
-                f"{what}, got {n}"
+                f"{what}, got {n}{added}"
             )
         return base, others
 
@@ -364,9 +388,16 @@ class _Planner:
                 layer_index=group.layer_index,
                 kind="copy" if self._is_identity(models, per_model, gp) else "merge",
                 in_bytes=in_bytes,
-                compute_float64="F64" in dtypes,
+                # fp64 when an input is fp64 or the config asks for float64 (mergekit computes in `dtype`)
+                compute_float64="F64" in dtypes or self._f64_requested,
             )
         )
+
+    @property
+    def _f64_requested(self) -> bool:
+        from adaptkit.config import DTYPE_ALIASES
+
+        return any(v is not None and DTYPE_ALIASES[v.lower()] == "F64" for v in (self.cfg.dtype, self.cfg.out_dtype))
 
     def _is_identity(self, models: list[int], per_model: list[dict[str, Any]], gp: dict[str, Any]) -> bool:
         """A single input whose parameters equal the method's declared ``identity_params``: copied as is."""
@@ -429,12 +460,14 @@ def build_plan(
     open_model: Optional[OpenModel] = None,
     seed: int = 0,
     allow_pickle: bool = False,
+    strict: bool = False,
 ) -> MergePlan:
     """Plan a merge (headers only). Raises ConfigError / CheckpointError with one-line messages.
 
     Models are opened with ``open_model`` (default: ``host.open_model``) and the method is looked up in
     ``registry`` (default: ``host.mergers``); ``host`` defaults to a new plugin host
     (:func:`adaptkit.plugins.get_plugin_manager`), so one host serves the registry and the loaders.
+    ``strict``: a parameter the method ignores (known to another registered method) is an error, not a warning.
     """
     if host is None and (registry is None or open_model is None):
         from adaptkit.plugins import get_plugin_manager
@@ -451,10 +484,34 @@ def build_plan(
         entry = registry.entry(cfg.merge_method)
     except ConfigError as exc:
         raise ConfigError(f"{src}: merge_method: {exc.one_line()}") from None
-    models = ModelSet(open_model, path.parent if path else Path.cwd(), src, allow_pickle=allow_pickle,
+    known = frozenset(p.name for e in registry.entries() for p in e.component.params)
+    models = ModelSet(open_model, path.parent if path else None, src, allow_pickle=allow_pickle,
                       loaders=loaders)
     try:
-        return _Planner(cfg, path, entry, models).plan(seed)
+        plan = _Planner(cfg, path, entry, models, known).plan(seed)
+        if strict and plan.warnings:
+            raise ConfigError(f"{plan.warnings[0]} (--strict)")
+        return plan
     except BaseException:
         models.close()
         raise
+
+
+def _merge_warnings(raw: list[str]) -> list[str]:
+    """One line per ignored parameter name (its locations listed), in first-seen order."""
+    import re
+
+    by_key: dict[str, list[str]] = {}
+    head: dict[str, str] = {}
+    for w in raw:
+        m = re.match(r"^(.*?): parameter '(.*?)' in (.*?) is ignored: (.*)$", w)
+        if not m:
+            by_key.setdefault(w, [])
+            continue
+        src, key, loc, why = m.groups()
+        by_key.setdefault(key, []).append(loc)
+        head[key] = f"{src}: parameter {key!r} in \0 is ignored: {why}"
+    out = []
+    for key, locs in by_key.items():
+        out.append(head[key].replace("\0", ", ".join(locs)) if key in head else key)
+    return out
