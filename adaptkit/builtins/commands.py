@@ -20,6 +20,7 @@ BUILTIN_COMMANDS: dict[str, str] = {
     "merge-adapter": "adaptkit.cli.merge_adapter:merge_adapter",
     "plugins": "adaptkit.cli.plugins_cmd:plugins",
     "quantize": "adaptkit.cli.quantize:quantize",
+    "run": "adaptkit.cli.run:run",
     "train": "adaptkit.cli.train:train",
     "verify": "adaptkit.cli.verify_cmd:verify",
 }
