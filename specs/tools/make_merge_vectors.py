@@ -192,6 +192,118 @@ def ref_model_stock(base, xs, filter_wise=False):
     return t * avg + (1 - t) * base
 
 
+def ref_sce(base, xs, select_topk=1.0, guard=1e-6):
+    """SCE (FuseChat): variance top-k select, mean-square weights, sign-of-sum erase (specs/merge-math.md)."""
+    base = np.asarray(base, dtype=np.float64)
+    d = np.stack([np.asarray(x, dtype=np.float64) - base for x in xs])
+    n = d.shape[0]
+    if select_topk < 1:
+        var = d.var(axis=0).reshape(-1)  # population variance
+        k = int(np.count_nonzero(var) * select_topk) if select_topk > 0 else 0
+        keep = np.zeros(var.size, dtype=bool)
+        keep[ref_rank_order(var)[:k]] = True
+        d = d * keep.reshape(base.shape)[None]
+    ms = np.array([np.mean(x * x) for x in d])
+    w = np.full(n, 1.0 / n) if abs(ms.sum()) < guard or ms.sum() == 0 else ms / ms.sum()
+    elected = np.where(d.sum(axis=0) >= 0, 1.0, -1.0)
+    agree = (np.sign(d) == elected[None]).astype(np.float64)
+    num = sum(w[i] * agree[i] * d[i] for i in range(n))
+    den = np.maximum(sum(w[i] * agree[i] for i in range(n)), 1e-6)
+    return base + num / den
+
+
+def ref_ram(base, xs, epsilon=1e-5, plus=False, r=0.1, alpha=0.2):
+    """RAM / RAM+ (tensor-local): unique contributions kept (RAM+: scaled per model), shared ones averaged."""
+    base = np.asarray(base, dtype=np.float64)
+    d = [np.asarray(x, dtype=np.float64) - base for x in xs]
+    c = [np.abs(x) > epsilon for x in d]
+    count = sum(ci.astype(int) for ci in c)
+    out = np.zeros_like(base)
+    for x, ci in zip(d, c):
+        lam = 1.0
+        if plus:
+            shared = int(np.sum(ci & (count > 1)))
+            unique = int(np.sum(ci & (count == 1)))
+            lam = 1 + r * min(max(shared / max(unique, epsilon), 0.0), alpha)
+        for idx in np.ndindex(base.shape):
+            if not ci[idx]:
+                continue
+            out[idx] += x[idx] * lam if count[idx] == 1 else x[idx] / count[idx]
+    return base + out
+
+
+def ref_multislerp(xs, weights, base=None, normalize=True, eps=1e-8):
+    """The full tangent-space recipe (project to the tangent space at the weighted mean, combine, map back
+    with the exponential map), not the closed form adaptkit uses: the two must agree."""
+    x = np.stack([np.asarray(v, dtype=np.float64).reshape(-1) for v in xs])
+    if base is not None:
+        x = x - np.asarray(base, dtype=np.float64).reshape(-1)[None]
+    w = np.asarray(weights, dtype=np.float64)
+    if normalize:
+        w = w / w.sum()
+    norms = np.linalg.norm(x, axis=1)
+    u = x / (norms[:, None] + eps)
+    mean = (w[:, None] * u).sum(0)
+    mean = mean / np.linalg.norm(mean)
+    tangents = u - (u @ mean)[:, None] * mean[None]
+    t = (w[:, None] * tangents).sum(0)
+    tn = np.linalg.norm(t) + eps
+    res = (mean * np.cos(tn) + t * np.sin(tn) / tn) * float((norms * w).sum())
+    shape = np.asarray(xs[0]).shape
+    res = res.reshape(shape)
+    return res if base is None else res + np.asarray(base, dtype=np.float64)
+
+
+def ref_karcher(xs, max_iter=10, tol=1e-5):
+    """Karcher mean on the unit sphere (equal weights), scaled by the mean norm."""
+    x = [np.asarray(v, dtype=np.float64).reshape(-1) for v in xs]
+    n = len(x)
+    norms = [float(np.linalg.norm(v)) for v in x]
+    valid = [i for i in range(n) if norms[i] > tol]
+    u = [x[i] / norms[i] for i in valid]
+    a = 1.0 / len(u)
+    m = sum(a * ui for ui in u)
+    m = u[0].copy() if np.linalg.norm(m) < tol else m / np.linalg.norm(m)
+    for _ in range(max_iter):
+        t = np.zeros_like(m)
+        for ui in u:
+            c = float(np.clip(m @ ui, -1, 1))
+            th = math.acos(c)
+            if th < tol:
+                continue
+            t += a * th / math.sin(th) * (ui - c * m)
+        tn = float(np.linalg.norm(t))
+        if tn < tol:
+            break
+        m = math.cos(tn) * m + math.sin(tn) * t / tn
+        m = m / np.linalg.norm(m)
+    return (m * sum(norms) / n).reshape(np.asarray(xs[0]).shape)
+
+
+def ref_nearswap(base, x, t):
+    base = np.asarray(base, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+    w = np.clip(t / np.maximum(np.abs(base - x), 1e-6), 0, 1)
+    return w * x + (1 - w) * base
+
+
+def ref_arcee_fusion(base, x):
+    base = np.asarray(base, dtype=np.float64)
+    x = np.asarray(x, dtype=np.float64)
+
+    def softmax(v):
+        e = np.exp(v - v.max(axis=-1, keepdims=True))
+        return e / e.sum(axis=-1, keepdims=True)
+
+    p = softmax(x) + 1e-8
+    q = softmax(base) + 1e-8
+    kl = np.sum(p * np.log(p / q), axis=-1, keepdims=True)
+    s = np.abs(x - base) * kl
+    srt = np.sort(s.reshape(-1))
+    q1, med, q3 = (srt[int(qq * (srt.size - 1))] for qq in (0.25, 0.5, 0.75))
+    return np.where(s >= med + 1.5 * (q3 - q1), x, base)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # vectors
 # ----------------------------------------------------------------------------------------------------------
@@ -291,6 +403,44 @@ def build_vectors() -> dict:
             expected=ref_model_stock(base, xs, fw))
         add("model_stock", tensors=xs1[:2], base=base1, params=[{}] * 2, global_params={"filter_wise": fw},
             expected=ref_model_stock(base1, xs1[:2], fw))
+
+    # issue 12: the methods mergekit 0.1.5 has beyond the original thirteen
+    far = [rng.normal(size=shape) for _ in range(3)]
+    add("sce", tensors=xs, base=base, params=[{}] * 3, global_params={}, expected=ref_sce(base, xs),
+        note="all positions, mean-square weights")
+    add("sce", tensors=xs, base=base, params=[{}] * 3, global_params={"select_topk": 0.5},
+        expected=ref_sce(base, xs, 0.5), note="variance select of half the positions")
+    small = [base + 1e-4 * (x - base) for x in xs]
+    add("sce", tensors=small, base=base, params=[{}] * 3, global_params={}, expected=ref_sce(base, small),
+        note="mean squares below mergekit's 1e-6 guard: equal weights")
+    add("sce", tensors=small, base=base, params=[{}] * 3, global_params={"sce_weight_guard": 0.0},
+        expected=ref_sce(base, small, guard=0.0), note="guard off: the paper's weights at any scale")
+    sparse = [base + np.where(np.abs(x - base) > 0.25, x - base, 0.0) for x in xs]
+    add("ram", tensors=sparse, base=base, params=[{}] * 3, global_params={}, expected=ref_ram(base, sparse))
+    add("ram", tensors=xs, base=base, params=[{}] * 3, global_params={"epsilon": 0.3},
+        expected=ref_ram(base, xs, 0.3), note="epsilon decides which entries contribute")
+    add("ramplus_tl", tensors=sparse, base=base, params=[{}] * 3, global_params={},
+        expected=ref_ram(base, sparse, plus=True))
+    add("ramplus_tl", tensors=xs, base=base, params=[{}] * 3,
+        global_params={"epsilon": 0.3, "r": 0.5, "alpha": 0.9},
+        expected=ref_ram(base, xs, 0.3, plus=True, r=0.5, alpha=0.9))
+    add("multislerp", tensors=far, params=pm(weight=[0.5, 0.3, 0.2]), global_params={},
+        expected=ref_multislerp(far, [0.5, 0.3, 0.2]))
+    add("multislerp", tensors=xs, base=base, params=pm(weight=[2.0, 1.0, 1.0]),
+        global_params={"normalize_weights": False}, expected=ref_multislerp(xs, [2.0, 1.0, 1.0], base, False),
+        note="task vectors, weights not normalized")
+    add("karcher", tensors=far, params=[{}] * 3, global_params={}, expected=ref_karcher(far))
+    add("karcher", tensors=far[:2] + [np.zeros(shape)], params=[{}] * 3,
+        global_params={"max_iter": 100, "tol": 1e-9}, expected=ref_karcher(far[:2] + [np.zeros(shape)], 100, 1e-9),
+        note="a zero tensor counts in the scale, not the direction")
+    near_x = base + np.where(rng.random(shape) < 0.5, 1e-3, 0.5) * rng.normal(size=shape)
+    for t in (0.0, 0.01, 0.2):
+        add("nearswap", tensors=[near_x], base=base, params=[{}], global_params={"t": t},
+            expected=ref_nearswap(base, near_x, t))
+    fx = base + np.where(rng.random(shape) < 0.2, 1.5, 0.05) * rng.normal(size=shape)
+    add("arcee_fusion", tensors=[fx], base=base, params=[{}], global_params={}, expected=ref_arcee_fusion(base, fx))
+    add("arcee_fusion", tensors=[xs1[0]], base=base1, params=[{}], global_params={},
+        expected=ref_arcee_fusion(base1, xs1[0]), note="1-D: one KL over the whole vector")
 
     # fixed-mask cases for the randomized methods: combine_task_vectors(masks=...)
     fixed = []
