@@ -255,7 +255,8 @@ def parse_pipeline(raw: Any, path: Path, *, output: str | Path | None = None) ->
         if out_raw is not None and not isinstance(out_raw, str):
             raise ConfigError(f"{src}: output must be a folder path")
         out = _resolve(_expand_env(out_raw, src, "output"), root) if out_raw else root / f"{path.stem}.out"
-    pipe = Pipeline(path=path, root=root, output=out, inputs=inputs, steps=steps)
+    pipe = Pipeline(path=path, root=root, output=Path(os.path.normpath(os.path.abspath(out))), inputs=inputs,
+                    steps=steps)
     check_graph(pipe)
     return pipe
 

@@ -1,0 +1,79 @@
+"""Which merge settings keep each fine-tune's gain? Runs the release pipeline extended with merge variants of
+the same two merged fine-tunes, each scored on both tasks; every step the release pipeline already finished is
+found by its key and skipped, so only the variants run. Prints one row per merge:
+
+    ADAPTKIT_BASE=$(python -m adaptkit.testing.realmodel) python examples/pipeline/merge_settings.py
+
+The variants file is written beside the release pipeline (same relative paths, so the same keys) and removed.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+TASKS = ["probes:data/analogy.jsonl", "probes:data/wordforms.jsonl"]
+PARENTS = ("analogy", "wordforms")
+
+
+def variants() -> dict[str, dict]:
+    def ties(density: float, normalize: bool = False) -> dict:
+        return {"merge_method": "ties", "base_model": "base", "dtype": "bfloat16",
+                "models": [{"model": m, "parameters": {"weight": 1.0, "density": density}} for m in PARENTS],
+                "parameters": {"normalize": normalize}}
+
+    return {
+        "ties-d0.3": ties(0.3),
+        "ties-d0.8": ties(0.8),
+        "ties-d1.0": ties(1.0),
+        "ties-d0.5-normalized": ties(0.5, True),
+        "task-arithmetic": {"merge_method": "task_arithmetic", "base_model": "base", "dtype": "bfloat16",
+                            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in PARENTS]},
+        "linear-0.5": {"merge_method": "linear", "dtype": "bfloat16",
+                       "models": [{"model": m, "parameters": {"weight": 0.5}} for m in PARENTS]},
+    }
+
+
+def main() -> int:
+    doc = yaml.safe_load((HERE / "smollm2-release.yml").read_text())
+    steps = [s for s in doc["steps"] if "verify" not in s]
+    for name, cfg in variants().items():
+        steps.append({"name": f"merge-{name}", "merge": cfg})
+        steps.append({"name": f"score-merge-{name}", "eval": {"model": f"merge-{name}", "tasks": TASKS}})
+    out = copy.deepcopy(doc)
+    out["steps"] = steps
+    tmp = HERE / ".merge-settings.yml"
+    tmp.write_text(yaml.safe_dump(out, sort_keys=False))
+    try:
+        r = subprocess.run([sys.executable, "-m", "adaptkit", "run", str(tmp), "--json"], stdout=subprocess.PIPE,
+                           env=os.environ)
+    finally:
+        tmp.unlink()
+    if r.returncode:
+        return r.returncode
+    res = {s["name"]: s for s in json.loads(r.stdout)["steps"]}
+
+    def score(step: str) -> dict[str, float]:
+        return {m["task"]: m["value"] for m in res[step]["summary"]["metrics"]}
+
+    base = score("score-base")
+    parent = {p: score(f"score-{p}") for p in PARENTS}
+    gain = {p: parent[p][p] - base[p] for p in PARENTS}
+    print(f"{'model':<26} {'analogy':>8} {'wordforms':>10} {'kept analogy':>13} {'kept wordforms':>15}")
+    rows = [("base", "score-base"), *((f"{p} (parent)", f"score-{p}") for p in PARENTS), ("ties-d0.5 (pipeline)", "score-ties")]
+    rows += [(name, f"score-merge-{name}") for name in variants()]
+    for label, step in rows:
+        s = score(step)
+        kept = [(s[p] - base[p]) / gain[p] if gain[p] > 0 else float("nan") for p in PARENTS]
+        print(f"{label:<26} {s['analogy']:>8.3f} {s['wordforms']:>10.3f} {kept[0]:>13.0%} {kept[1]:>15.0%}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
