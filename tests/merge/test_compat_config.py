@@ -204,3 +204,19 @@ def test_dtype_float64_computes_in_float64(zoo, tmp_path):
         f32 = sum(wi * m[name].float() for wi, m in zip(w, ms)) / sum(w)
         differs_from_fp32 += int((t != f32.double()).sum())
     assert differs_from_fp32 > 0  # widening an fp32 result would not pass the float64 reference above
+
+
+# -- (h) the TIES tie-break difference is never silent ---------------------------------------------------
+
+def test_dry_run_notes_the_tiebreak_on_bf16_inputs(tmp_path):
+    make_tiny_llama(tmp_path / "base", dtype="bfloat16", seed=3)
+    perturbed_copy(tmp_path / "base", tmp_path / "a", seed=1, scale=0.01)
+    cfg = {"merge_method": "ties", "base_model": str(tmp_path / "base"),
+           "models": [{"model": str(tmp_path / "a"), "parameters": {"weight": 1.0, "density": 0.5}}]}
+    r = _cli(_write(tmp_path / "m.yml", cfg), tmp_path / "out", "--dry-run", "--json")
+    assert r.exit_code == 0, r.output
+    notes = json.loads(r.stdout)["notes"]
+    assert any("magnitude_tiebreak: sort" in n for n in notes)
+    cfg["parameters"] = {"magnitude_tiebreak": "sort"}
+    r = _cli(_write(tmp_path / "m.yml", cfg), tmp_path / "out", "--dry-run", "--json")
+    assert not any("magnitude_tiebreak" in n for n in json.loads(r.stdout)["notes"])

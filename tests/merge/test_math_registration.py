@@ -13,6 +13,7 @@ from adaptkit.registry import REQUIRED, MergerRegistry
 EXPECTED = {
     "linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
     "breadcrumbs_ties", "della", "della_linear", "model_stock", "nuslerp", "passthrough",
+    "sce", "ram", "ramplus_tl", "multislerp", "karcher", "nearswap", "arcee_fusion",
 }
 
 
@@ -74,6 +75,18 @@ def test_registering_does_not_import_torch():
         ("nuslerp", "nuslerp_row_wise", False, "global"),
         ("model_stock", "filter_wise", False, "global"),
         ("passthrough", "scale", 1.0, "both"),
+        # issue 12: mergekit 0.1.5's method guide and signatures
+        ("sce", "select_topk", 1.0, "global"),
+        ("ram", "epsilon", 1e-5, "global"),
+        ("ramplus_tl", "r", 0.1, "global"),
+        ("ramplus_tl", "alpha", 0.2, "global"),
+        ("ramplus_tl", "epsilon", 1e-5, "global"),
+        ("multislerp", "weight", REQUIRED, "both"),
+        ("multislerp", "normalize_weights", True, "global"),
+        ("multislerp", "eps", 1e-8, "global"),
+        ("karcher", "max_iter", 10, "global"),
+        ("karcher", "tol", 1e-5, "global"),
+        ("nearswap", "t", REQUIRED, "global"),
     ],
 )
 def test_parameters_follow_mergekit(reg, method, name, default, scope):
@@ -85,8 +98,9 @@ def test_parameters_follow_mergekit(reg, method, name, default, scope):
 
 # What mergekit documents about each method's inputs (not read from adaptkit's declarations).
 NEEDS_BASE = {"task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties", "della",
-              "della_linear", "slerp", "model_stock"}
-PARAMS = {"slerp": {"t": 0.5}, "model_stock": {}, "passthrough": {}, "nuslerp": {"weight": 0.5}}
+              "della_linear", "slerp", "model_stock", "sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion"}
+PARAMS = {"slerp": {"t": 0.5}, "model_stock": {}, "passthrough": {}, "nuslerp": {"weight": 0.5}, "sce": {},
+          "ram": {}, "ramplus_tl": {}, "karcher": {}, "nearswap": {"t": 0.001}, "arcee_fusion": {}}
 
 
 @pytest.fixture(scope="module")
@@ -138,6 +152,11 @@ def test_model_count_and_base_rules_follow_mergekit(reg, trio, method):
         assert _try_plan(reg, trio, method, ["a", "b"], base="base") is None
     if method == "passthrough":
         assert _try_plan(reg, trio, method, ["a"]) is None
+    if method in ("nearswap", "arcee_fusion"):
+        assert _try_plan(reg, trio, method, ["a"], base="base") is None
+        assert "at most 1 non-base" in _try_plan(reg, trio, method, ["a", "b"], base="base")
+    if method in ("multislerp", "karcher"):
+        assert _try_plan(reg, trio, method, ["a", "b", "c"]) is None
 
 
 @pytest.mark.parametrize(
