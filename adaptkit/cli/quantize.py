@@ -70,6 +70,9 @@ def _explicit(ctx: click.Context) -> list[str]:
 @click.option("--seqlen", type=int, default=512, show_default=True, help="Tokens per calibration sequence.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed for calibration sampling.")
+@click.option("--threads", type=int, default=None,
+              help="Torch compute threads, 1 to the number of cores (default: torch's, all cores). The output does "
+                   "not depend on it.")
 @click.option("--option", "-o", "options", multiple=True, metavar="KEY=VALUE",
               help="Method-specific option (see `adaptkit plugins`), e.g. -o blocksize=64 for nf4. Repeatable.")
 @click.option("--requantize", is_flag=True,
@@ -81,8 +84,8 @@ def _explicit(ctx: click.Context) -> list[str]:
 @click.pass_context
 def quantize(ctx: click.Context, model: str, out: str, method: str, bits: int | None, group_size: int | None,
              sym: bool, act_order: bool, partial_groups: bool, damp: float, calib: str, nsamples: int, seqlen: int,
-             device: str, seed: int, options: tuple[str, ...], requantize: bool, max_shard_size: str | None,
-             force: bool, as_json: bool) -> None:
+             device: str, seed: int, threads: int | None, options: tuple[str, ...], requantize: bool,
+             max_shard_size: str | None, force: bool, as_json: bool) -> None:
     """Quantize MODEL into OUT, or dequantize a GPTQ/AWQ/NF4 MODEL (--method dequantize).
 
     Writes the format the quantizer declares (GPTQ v1 for rtn/gptq, AWQ GEMM for awq, bitsandbytes NF4 for
@@ -98,6 +101,9 @@ def quantize(ctx: click.Context, model: str, out: str, method: str, bits: int | 
 
         size = parse_size(max_shard_size)
     explicit = _explicit(ctx)
+    from adaptkit.quantize.runner import check_threads
+
+    check_threads(threads)  # before anything is read: one line, nothing written
     if method == DEQUANTIZE:
         if options:
             raise ConfigError("--option is not used with --method dequantize")
@@ -122,7 +128,7 @@ def quantize(ctx: click.Context, model: str, out: str, method: str, bits: int | 
                 model, out, quantizer=comp, bits=bits, group_size=group_size, sym=sym, act_order=act_order,
                 damp=damp, partial_groups=partial_groups, explicit=explicit, calib=calib, nsamples=nsamples,
                 seqlen=seqlen, device=device, seed=seed, force=force, requantize=requantize, options=opts,
-                host=host, max_shard_size=size, entry=host.quantizers.entry(method),
+                host=host, max_shard_size=size, entry=host.quantizers.entry(method), threads=threads,
             )
 
         result = host.run_step("quantize", comp.name, run, model=model, output=out, format=comp.formats[0])

@@ -263,6 +263,9 @@ class QuantizeRequest:
     checkpoint: "Checkpoint | None" = None  #: the open input checkpoint (filled by the runner)
     config: dict[str, Any] | None = None  #: the input config.json (without quantization_config)
     format: str = ""  #: the output format name (``adaptkit.formats.FORMATS``)
+    #: seconds per phase of the algorithm (e.g. ``forward``, ``hessian``, ``solve``), filled by the algorithm if it
+    #: wants; ``adaptkit quantize --json`` prints them under ``phases`` with the runner's ``pack`` and ``write``
+    phases: dict[str, float] = field(default_factory=dict)
 
     # -- helpers for algorithms ------------------------------------------------------------------------
     def report(self, message: str) -> None:
@@ -319,6 +322,7 @@ class QuantizeResult:
     quantization_config: dict[str, Any]
     errors: dict[str, float] = field(default_factory=dict)  #: optional per-module relative errors
     timings: dict[str, float] = field(default_factory=dict)  #: seconds per phase (open, plan, quantize, publish)
+    phases: dict[str, float] = field(default_factory=dict)  #: seconds inside ``quantize`` (the request's phases)
     loader: str = ""  #: qualified name of the loader that opened the input
     source_format: str | None = None  #: the input's quantized format when it was dequantized on load
     options: dict[str, Any] = field(default_factory=dict)
@@ -338,6 +342,7 @@ class QuantizeResult:
             "bytes_out": self.bytes_out,
             "seconds": round(self.seconds, 3),
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            "phases": {k: round(v, 3) for k, v in self.phases.items()},
             "input": {"loader": self.loader, "source_format": self.source_format},
             "quantization_config": self.quantization_config,
         }

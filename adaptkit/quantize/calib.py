@@ -204,6 +204,13 @@ def calibration_ids(request: Any, tokenizer: Any) -> "torch.Tensor":
     """``[request.nsamples, request.seqlen]`` int64 token ids for ``request.calib`` (``QuantizeRequest.calibration_ids``)."""
     label, texts = load_texts(request.calib)
     ids = tokenize_texts(texts, tokenizer)
+    spec = getattr(request, "spec", None)
+    gs = int(getattr(spec, "group_size", -1) or -1)
+    if gs > 0 and ids.numel() < gs:
+        raise ConfigError(
+            f"--calib {label}: calibration text is shorter than one group: {ids.numel()} tokens, --group-size {gs} "
+            "needs at least that many"
+        )
     return sample_windows(ids, int(request.nsamples), int(request.seqlen), int(request.seed), label=label)
 
 

@@ -31,6 +31,66 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def check_threads(threads: int | None) -> None:
+    """``--threads``: None (torch's default) or 1 .. the available cores; a one-line ``ConfigError`` otherwise."""
+    if threads is None:
+        return
+    cores = available_cores()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ConfigError(f"--threads {threads}: use a whole number from 1 to {cores} (the cores of this machine)")
+    if threads > cores:
+        raise ConfigError(f"--threads {threads}: this machine has {cores} cores available; use 1 to {cores}")
+
+
+class _threads:
+    """torch's intra-op threads set to ``n`` inside the block (nothing when ``n`` is None), restored after."""
+
+    def __init__(self, n: int | None) -> None:
+        self.n = n
+
+    def __enter__(self) -> None:
+        if self.n is not None:
+            import torch
+
+            self.saved = torch.get_num_threads()
+            torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.n is not None:
+            import torch
+
+            torch.set_num_threads(self.saved)
+
+
+class _single_thread:
+    """Torch on one thread inside the block (restored after). Checking and packing one layer's integer codes
+    is a handful of small elementwise passes: an OpenMP team only adds synchronisation (several times slower
+    on a busy 2-core machine), and integer results do not depend on the thread count."""
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.saved = torch.get_num_threads()
+        if self.saved != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        if self.saved != 1:
+            torch.set_num_threads(self.saved)
+
+
 def find_targets(ckpt: Any) -> list[str]:
     """Linear modules to quantize: 2-D floating-point ``*.weight`` tensors inside the decoder layers
     (``...layers.N...``). Embeddings, norms and ``lm_head`` stay in floating point (as transformers,
@@ -155,18 +215,22 @@ def run_quantize(
     host: Any = None,
     max_shard_size: int | None = None,
     entry: Any = None,
+    threads: int | None = None,
 ) -> QuantizeResult:
     """Quantize ``model`` into ``out`` with the quantizer ``method`` (a registered name) or ``quantizer`` (a
     ``Quantizer`` component). ``explicit``: the common options the user set (the CLI knows); when None, those
     whose value differs from the default. ``group_size=None``: choose it from the targets (see
     :func:`auto_group_size`, reported through ``note``). ``entry``: the registry entry of ``quantizer`` (names
     its distribution in the output's metadata). ``progress`` receives the quantizer's status messages
-    (the bar shows them too); ``show_progress`` draws the bar on stderr."""
+    (the bar shows them too); ``show_progress`` draws the bar on stderr. ``threads``: torch's intra-op
+    threads for the run (1 .. the cores available to this process; default: torch's setting), restored after;
+    the output does not depend on it."""
     from adaptkit.formats import format_module
     from adaptkit.io import check_output_target
 
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
+    check_threads(threads)
     model = Path(model)
     out = Path(out)
     note = note or _stderr
@@ -262,14 +326,21 @@ def run_quantize(
                 t, i = short[0]
                 note(f"note: --partial-groups: {len(short)} of {len(targets)} linears end with a group of "
                      f"{i % spec.group_size} columns (e.g. {t}, in_features {i}); vLLM will not load this")
+        if q.needs_calibration and spec.group_size > 0 and nsamples * seqlen < spec.group_size:
+            raise ConfigError(
+                f"--nsamples {nsamples} x --seqlen {seqlen} = {nsamples * seqlen} calibration tokens is shorter than one "
+                f"group (--group-size {spec.group_size}): give at least {spec.group_size} tokens"
+            )
         request = QuantizeRequest(
             model_dir=model, out_dir=out, method=name, spec=spec, calib=calib if q.needs_calibration else None,
             nsamples=nsamples, seqlen=seqlen, device=device, seed=seed, options=dict(opts), targets=tuple(targets),
             progress=None, checkpoint=ckpt, config=config, format=fmt,
         )
         impl = q.load()
-        return _write(request, impl, fmt_mod, ckpt, q=q, producer=_producer(entry), force=force, t0=t0,
-                      timings=timings, max_shard_size=max_shard_size, progress=progress, show_progress=show_progress)
+        with _threads(threads):
+            return _write(request, impl, fmt_mod, ckpt, q=q, producer=_producer(entry), force=force, t0=t0,
+                          timings=timings, max_shard_size=max_shard_size, progress=progress,
+                          show_progress=show_progress)
     finally:
         ckpt.close()
 
@@ -326,6 +397,7 @@ def _write(request: QuantizeRequest, impl: Callable[..., Any], fmt_mod: Any, ckp
                 progress(message)
 
         request.progress = report
+        phases = request.phases
         t_q = time.perf_counter()
         with bar:
             writer = ShardedWriter(pub.path, specs, metadata=fmt_mod.file_metadata(qconfig, producer), **kw)
@@ -339,11 +411,15 @@ def _write(request: QuantizeRequest, impl: Callable[..., Any], fmt_mod: Any, ckp
                         info = ckpt.info(key + ".weight")
                         if tuple(item.shape) != tuple(info.shape):
                             raise bad(f"returned {key} with shape {list(item.shape)}, not {list(info.shape)}")
+                        t_pack = time.perf_counter()
                         try:
-                            item.validate(key)
-                            packed = fmt_mod.pack(item, spec, opts, weight_dtype=info.dtype)
+                            with _single_thread():
+                                item.validate(key)
+                                packed = fmt_mod.pack(item, spec, opts, weight_dtype=info.dtype)
                         except ValueError as e:
                             raise bad(f"produced an invalid result: {key}: {e}") from None
+                        t_w = time.perf_counter()
+                        phases["pack"] = phases.get("pack", 0.0) + t_w - t_pack
                         for suffix, tensor in packed.items():
                             tn = f"{key}.{suffix}"
                             if tn not in planned:
@@ -352,6 +428,7 @@ def _write(request: QuantizeRequest, impl: Callable[..., Any], fmt_mod: Any, ckp
                                 writer.write(tn, tensor)
                             except ValueError as e:
                                 raise bad(f"produced a result the {fmt} plan cannot hold: {e}") from None
+                        phases["write"] = phases.get("write", 0.0) + time.perf_counter() - t_w
                         done.add(key)
                         quantized.append(key)
                         bar.advance(status=_layer_of(key))
@@ -361,7 +438,9 @@ def _write(request: QuantizeRequest, impl: Callable[..., Any], fmt_mod: Any, ckp
                         info = ckpt.info(key)
                         if tuple(item.shape) != tuple(info.shape):
                             raise bad(f"replacement {key} has shape {tuple(item.shape)}, not {tuple(info.shape)}")
+                        t_w = time.perf_counter()
                         writer.write(key, item.detach().to("cpu", torch_dtype(info.dtype)).contiguous())
+                        phases["write"] = phases.get("write", 0.0) + time.perf_counter() - t_w
                         replaced.add(key)
                     else:
                         raise bad(f"yielded a {type(item).__name__} for {key!r}; the {fmt} format takes "
@@ -395,7 +474,7 @@ def _write(request: QuantizeRequest, impl: Callable[..., Any], fmt_mod: Any, ckp
         out_dir=request.out_dir, method=name, format=fmt, spec=spec, quantized=quantized, passthrough=passthrough,
         bytes_in=_file_bytes(ckpt), bytes_out=bytes_out, seconds=time.perf_counter() - t0,
         quantization_config=qconfig, timings=timings, loader=str(getattr(ckpt, "loader", "") or ""),
-        source_format=getattr(ckpt, "source_format", None), options=dict(opts),
+        source_format=getattr(ckpt, "source_format", None), options=dict(opts), phases=dict(phases),
     )
 
 

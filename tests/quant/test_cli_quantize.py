@@ -179,3 +179,61 @@ def test_gptq_group_order_option(adaptkit_cli, model, tmp_path) -> None:
         assert torch.equal(g, torch.arange(g.numel(), dtype=torch.int32) // 32)
     r = adaptkit_cli("quantize", model, tmp_path / "b", "--method", "gptq", "--group-size", "32", "-o", "group_order=random")
     assert r.exit_code == 3 and "group_order" in _err(r)
+
+
+def _cores() -> int:
+    from adaptkit.quantize.runner import available_cores
+
+    return available_cores()
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_bad_threads(adaptkit_cli, model, tmp_path, method) -> None:
+    out = tmp_path / "q"
+    base = ["quantize", model, out, "--method", method, "--group-size", "32", "--seqlen", "64", "--nsamples", "2"]
+    r = adaptkit_cli(*base, "--threads", "0")
+    assert r.exit_code == 3 and "--threads 0: use a whole number from 1 to" in _err(r)
+    too_many = str(_cores() + 1)
+    r = adaptkit_cli(*base, "--threads", too_many)
+    assert r.exit_code == 3 and f"--threads {too_many}: this machine has {_cores()} cores" in _err(r)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]
+
+
+def test_device_cuda_without_cuda(adaptkit_cli, model, tmp_path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    out = tmp_path / "q"
+    r = adaptkit_cli("quantize", model, out, "--method", "gptq", "--group-size", "32", "--seqlen", "64",
+                     "--nsamples", "2", "--device", "cuda")
+    assert r.exit_code == 3 and "CUDA is not available" in _err(r)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_calibration_shorter_than_one_group(adaptkit_cli, model, tmp_path, method) -> None:
+    out = tmp_path / "q"
+    # 2 x 8 = 16 tokens < one group of 32
+    r = adaptkit_cli("quantize", model, out, "--method", method, "--group-size", "32", "--seqlen", "8",
+                     "--nsamples", "2")
+    assert r.exit_code == 3 and "16 calibration tokens is shorter than one group (--group-size 32)" in _err(r)
+    # a calibration text of a few tokens: enough for --seqlen 8, fewer tokens than one group
+    short = tmp_path / "short.jsonl"
+    short.write_text(json.dumps({"text": "The cat sat on the warm mat today."}) + "\n")
+    r = adaptkit_cli("quantize", model, out, "--method", method, "--group-size", "32", "--seqlen", "8",
+                     "--nsamples", "8", "--calib", short)
+    assert r.exit_code == 3 and "calibration text is shorter than one group" in _err(r)
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".q")]
+
+
+def test_gptq_output_does_not_depend_on_threads(adaptkit_cli, model, tmp_path) -> None:
+    if _cores() < 2:
+        pytest.skip("needs 2 cores")
+    digests = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"t{threads}"
+        r = adaptkit_cli("quantize", model, out, "--method", "gptq", "--group-size", "32", "--seqlen", "64",
+                         "--nsamples", "4", "--threads", threads, "--json")
+        assert r.exit_code == 0, r.stderr
+        assert {"forward", "hessian", "solve", "cholesky", "pack"} <= set(json.loads(r.stdout)["phases"])
+        digests.append((out / "model.safetensors").read_bytes())
+    assert digests[0] == digests[1]

@@ -30,6 +30,24 @@ class _Stop(Exception):
     """Raised inside a forward to stop it once everything needed has run."""
 
 
+class PhaseTimer:
+    """Adds the wall seconds of a ``with`` block to ``phases[name]`` (nested blocks of the same name are
+    counted once)."""
+
+    def __init__(self, phases: dict[str, float], name: str) -> None:
+        self.phases, self.name = phases, name
+
+    def __enter__(self) -> None:
+        import time
+
+        self.t0 = time.perf_counter()
+
+    def __exit__(self, *exc: Any) -> None:
+        import time
+
+        self.phases[self.name] = self.phases.get(self.name, 0.0) + time.perf_counter() - self.t0
+
+
 def _set_tensor(root: Any, dotted: str, tensor: "torch.Tensor", *, buffer: bool = False) -> None:
     import torch
 
@@ -91,6 +109,11 @@ class LayerwiseModel:
         self.num_layers = len(self.layers)
         self.inps: list["torch.Tensor"] = []
         self.kwargs: list[dict[str, Any]] = []
+        self.phases: dict[str, float] = {}  #: seconds per phase (``timed``); the runner reports them in --json
+
+    def timed(self, phase: str) -> "PhaseTimer":
+        """``with lw.timed("forward"): ...`` adds the block's wall seconds to ``lw.phases[phase]``."""
+        return PhaseTimer(self.phases, phase)
 
     # -- construction ------------------------------------------------------------------------------------
     @classmethod
@@ -103,10 +126,15 @@ class LayerwiseModel:
             checkpoint = own = open_checkpoint(request.model_dir)
         lw = cls(request.model_dir, checkpoint, device=request.device, config=request.config)
         lw._own_checkpoint = own
-        tokenizer = request.tokenizer()
-        ids = request.calibration_ids(tokenizer)
+        phases = getattr(request, "phases", None)
+        if isinstance(phases, dict):
+            lw.phases = phases  # the runner's dict: --json prints it
+        with lw.timed("calibration_text"):
+            tokenizer = request.tokenizer()
+            ids = request.calibration_ids(tokenizer)
         request.report(f"calibration: {ids.shape[0]} samples x {ids.shape[1]} tokens ({request.calib})")
-        lw.catch_inputs(ids, batch_tokens=batch_tokens)
+        with lw.timed("embed"):
+            lw.catch_inputs(ids, batch_tokens=batch_tokens)
         return lw
 
     def _find_layers(self) -> tuple[Any, str]:
@@ -203,6 +231,10 @@ class LayerwiseModel:
 
     def load_layer(self, idx: int) -> Any:
         """Decoder layer ``idx`` on the device with its fp32 weights from the checkpoint."""
+        with self.timed("load"):
+            return self._load_layer(idx)
+
+    def _load_layer(self, idx: int) -> Any:
         import torch
 
         layer = self.layers[idx]
@@ -388,29 +420,211 @@ def collect_hessians(lw: LayerwiseModel, idx: int, layer: Any, input_sets: list[
 
 
 def run_sequential_groups(
-    lw: LayerwiseModel, idx: int, layer: Any, targets: list[str], fn: GroupFn, *, true_sequential: bool = True
+    lw: LayerwiseModel, idx: int, layer: Any, targets: list[str], fn: GroupFn, *, true_sequential: bool = True,
+    advance: bool = False,
 ) -> list[tuple[str, Any]]:
     """Quantize ``targets`` of layer ``idx`` group by group with ``fn(names, H, modules)`` (see module doc).
 
     ``fn`` returns ``{name: (result, W_hat)}``; ``W_hat`` replaces the module's weight before the next
     group's Hessian is collected. Returns ``[(name, result)]`` in quantization order.
+
+    ``advance=True``: also replace ``lw.inps`` by the quantized layer's outputs (what ``lw.advance`` gives).
+    With true-sequential groups this costs **one** forward of the layer per calibration batch in all
+    (:class:`_PausedForwards`): each batch's forward pauses where a group's modules are about to run, the group
+    is quantized from the inputs of all batches, and the forwards resume with its quantized weights. The
+    arithmetic is the same as one stopped forward per group plus a full forward at the end.
     """
     import torch
 
     if not targets:
+        if advance:
+            with lw.timed("forward"):
+                lw.advance(idx, layer)
         return []
     sets = discover_groups(lw, idx, layer, targets)
-    stages = [[s] for s in sets] if true_sequential else [sets]
     mods = lw.modules(idx)
     results: list[tuple[str, Any]] = []
-    for stage in stages:
-        hs = collect_hessians(lw, idx, layer, stage)
-        for k, s in enumerate(stage):
-            out = fn(s, hs[k], mods)
-            for name in s:
-                res, w_hat = out[name]
-                with torch.no_grad():
-                    mods[name].weight.data = w_hat.to(device=mods[name].weight.device, dtype=mods[name].weight.dtype)
-                results.append((name, res))
+
+    def quantize_set(s: list[str], H: "torch.Tensor") -> None:
+        out = fn(s, H, mods)
+        for name in s:
+            res, w_hat = out[name]
+            with torch.no_grad():
+                mods[name].weight.data = w_hat.to(device=mods[name].weight.device, dtype=mods[name].weight.dtype)
+            results.append((name, res))
+
+    if not true_sequential:
+        hs = collect_hessians(lw, idx, layer, sets)
+        for k, s in enumerate(sets):
+            quantize_set(s, hs[k])
         del hs
+        if advance:
+            with lw.timed("forward"):
+                lw.advance(idx, layer)
+        return results
+
+    paused = _PausedForwards(lw, layer, sets, mods)
+    try:
+        for k, s in enumerate(sets):
+            acc = HessianAccumulator(mods[s[0]].in_features, device=lw.device)
+            for x in paused.inputs_of(k):
+                with lw.timed("hessian"):
+                    acc.add(x)
+                del x
+            if acc.n == 0:
+                H = torch.eye(acc.columns, dtype=torch.float64, device=lw.device)
+            else:
+                H = acc.hessian()
+            del acc
+            quantize_set(s, H)
+            del H
+        outs = paused.finish() if advance else None
+    finally:
+        paused.close()
+    if advance:
+        lw.inps = outs
     return results
+
+
+class _PausedForwards:
+    """One forward of ``layer`` per calibration batch, each in its own thread, paused at forward *pre*-hooks
+    just before the first module of input set ``k`` runs (its members share that input).
+
+    Exactly one thread runs at a time (a baton passed with semaphores), so the torch operations execute in
+    the same order and with the same thread settings as sequential code. ``inputs_of(k)`` resumes the
+    batches in order until each reaches set ``k`` and yields their inputs (a batch whose forward never runs
+    set ``k`` yields nothing); ``finish()`` resumes them to the end and returns the outputs. A batch that
+    finished before the last set was quantized (a set it never runs comes after it) is run again at the end,
+    so its output always comes from the fully quantized layer.
+    """
+
+    def __init__(self, lw: LayerwiseModel, layer: Any, sets: list[list[str]], mods: dict[str, Any]) -> None:
+        import threading
+
+        self.lw = lw
+        self.layer = layer
+        self.n_sets = len(sets)
+        self.quantized = -1  # sets 0..quantized have their final weights
+        self.workers = [_Worker(self, b) for b in range(len(lw.inps))]
+        self.hooks = []
+        self.local = threading.local()
+        for k, s in enumerate(sets):
+            for name in s:
+                self.hooks.append(mods[name].register_forward_pre_hook(self._hook(k), with_kwargs=True))
+
+    def _hook(self, k: int) -> Callable[..., None]:
+        def hook(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            w = getattr(self.local, "worker", None)
+            if w is None or k in w.seen:  # not one of our forwards, or the set's input was already taken
+                return
+            w.seen.add(k)
+            if k <= self.quantized:
+                return  # nothing to wait for (a set that ran again)
+            x = args[0] if args else kwargs.get("input")
+            w.pause(("input", k, x))
+
+        return hook
+
+    def inputs_of(self, k: int) -> Any:
+        for w in self.workers:
+            while not w.done and w.at is None or (w.at is not None and w.at < k):
+                w.resume()
+            if w.at == k:
+                x = w.x
+                w.x = None
+                yield x
+        self.quantized = k
+
+    def finish(self) -> list["torch.Tensor"]:
+        outs = []
+        for w in self.workers:
+            while not w.done:
+                w.resume()
+            if w.error is not None:
+                raise w.error
+            if w.finished_at < self.n_sets - 1:
+                import torch
+
+                with torch.no_grad(), self.lw.timed("forward"):
+                    w.out = self.lw.forward_layer(self.layer, self.lw.inps[w.b], self.lw.kwargs[w.b])
+            outs.append(w.out)
+            w.out = None
+        return outs
+
+    def close(self) -> None:
+        for w in self.workers:
+            w.abort()
+        for h in self.hooks:
+            h.remove()
+
+
+class _Worker:
+    """One paused forward (see :class:`_PausedForwards`)."""
+
+    def __init__(self, owner: _PausedForwards, b: int) -> None:
+        import threading
+
+        self.owner = owner
+        self.b = b
+        self.go = threading.Semaphore(0)
+        self.back = threading.Semaphore(0)
+        self.thread = None
+        self.seen: set[int] = set()
+        self.at = None  # the set whose input this worker is paused at
+        self.x = None
+        self.out = None
+        self.done = False
+        self.error = None
+        self.finished_at = -1
+        self.stop = False
+
+    def _run(self) -> None:
+        import torch
+
+        self.owner.local.worker = self
+        self.go.acquire()
+        try:
+            if not self.stop:
+                lw = self.owner.lw
+                with torch.no_grad():
+                    self.out = lw.forward_layer(self.owner.layer, lw.inps[self.b], lw.kwargs[self.b])
+        except _Stop:
+            pass
+        except BaseException as e:  # noqa: BLE001 - handed to the coordinating thread
+            self.error = e
+        self.finished_at = self.owner.quantized
+        self.done = True
+        self.at = None
+        self.back.release()
+
+    def pause(self, what: tuple[str, int, Any]) -> None:
+        _, k, x = what
+        self.at, self.x = k, x
+        self.back.release()
+        self.go.acquire()
+        self.at = None
+        if self.stop:
+            raise _Stop
+
+    def resume(self) -> None:
+        import threading
+
+        if self.done:
+            return
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name=f"adaptkit-layer-batch-{self.b}", daemon=True)
+            self.thread.start()
+        with self.owner.lw.timed("forward"):
+            self.go.release()
+            self.back.acquire()
+        if self.error is not None:
+            err, self.error = self.error, None
+            raise err
+
+    def abort(self) -> None:
+        if self.thread is not None and not self.done:
+            self.stop = True
+            self.go.release()
+            self.back.acquire()
+        if self.thread is not None:
+            self.thread.join()
