@@ -87,11 +87,16 @@ class TrainSettings:
     bf16: bool | None = None  #: None: the device default (off on CPU)
     gradient_checkpointing: bool | None = None  #: None: off unless memory needs it
     eval_every: int | None = None  #: steps between evaluations on the eval split
+    save_every: int | None = None  #: steps between checkpoints (for --resume); None: eval_every, else 500
     save_best: bool = True
     early_stopping_patience: int | None = None
     seed: int = 0
     report_to: tuple[str, ...] = ()  #: "tensorboard", "wandb" (offline)
     nproc: int = 1
+    logging_steps: int = 1  #: steps between logged losses (``train_log.jsonl``, tensorboard)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    eval_batch_size: int | None = None  #: None: ``batch_size``
 
 
 ReportFn = Callable[[int, int, dict[str, float]], None]
@@ -114,6 +119,15 @@ class TrainRequest:
     resume_from: Path | None = None
     progress: ReportFn | None = None
     host: Any = None  #: the invocation's plugin host (``host.rewards``, ``host.open_model``)
+    #: fraction of the train rows held out (seeded) as the eval split when ``eval_data`` is not given
+    eval_split: float | None = None
+    #: per reward name: its declared options (validated against the Reward's ``params``), passed as keywords
+    reward_options: dict[str, dict[str, Any]] = field(default_factory=dict)
+    reward_weights: tuple[float, ...] | None = None  #: one weight per reward (None: all 1.0)
+    #: where intermediate checkpoints go (kept across runs for ``--resume``; never inside the output). The
+    #: runner fills it (``.<OUT>.adaptkit-train`` beside OUT) and removes it after a successful publish.
+    checkpoint_dir: Path | None = None
+    recipe: dict[str, Any] | None = None  #: the recipe as written (recorded in ``adaptkit.json``)
 
     def report(self, step: int, total_steps: int, metrics: dict[str, float] | None = None) -> None:
         """Progress: the runner shows one bar (step, loss, tokens/s, ETA)."""
@@ -122,7 +136,7 @@ class TrainRequest:
 
     def describe(self) -> dict[str, Any]:
         """JSON-able record of the request (goes into ``adaptkit.json``)."""
-        skip = ("progress", "host", "output")
+        skip = ("progress", "host", "output", "recipe", "checkpoint_dir")
         return _jsonable({f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip})
 
 
@@ -136,6 +150,11 @@ class TrainResult:
     tokens: int = 0
     seconds: float = 0.0
     best_checkpoint: str | None = None
+    #: the base quantization actually used (QLoRA: quant_type, blocksize, double_quant, compute_dtype); the
+    #: runner records it in ``adaptkit.json`` (falling back to ``request.adapter.base_quantization``)
+    base_quantization: dict[str, Any] | None = None
+    versions: dict[str, str] = field(default_factory=dict)  #: library versions that trained it (trl, peft...)
+    warnings: list[str] = field(default_factory=list)  #: one-line warnings the trainer gave (pad == eos, ...)
 
     def to_json(self) -> dict[str, Any]:
         return _jsonable(asdict(self))
