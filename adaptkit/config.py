@@ -1,8 +1,8 @@
 """Strict configuration models (pydantic v2, ``extra="forbid"``).
 
 Merge configs accept mergekit's YAML schema (``merge_method``, ``base_model``, ``models``, ``slices``,
-``parameters`` with scalars, gradients and filter lists, ``dtype``, ``out_dtype``, ``tokenizer_source``,
-``chat_template``) plus one adaptkit extension, ``exclude`` (glob patterns of input tensors deliberately
+``parameters`` with scalars, gradients and filter lists, ``dtype``, ``out_dtype``, ``tokenizer_source``, the
+``tokenizer:`` block, ``chat_template``, a slice's ``residual_weight``) plus one adaptkit extension, ``exclude`` (glob patterns of input tensors deliberately
 left out of the output). A typo'd key is a :class:`~adaptkit.errors.ConfigError` naming the nearest valid
 key; parameter *values* are validated later against the merge method's declared ``Param`` s (see
 :mod:`adaptkit.merge.params`), because the valid names depend on the method.
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
@@ -103,6 +103,8 @@ class OutputSlice(_Strict):
 
     sources: list[InputSlice]
     base_model: Optional[str] = None
+    #: accepted as mergekit 0.1.5 accepts it; it has no effect there either (the planner warns)
+    residual_weight: Optional[float] = None
 
     _base_ref = field_validator("base_model", mode="before")(classmethod(lambda cls, v: _model_reference(v)))
     parameters: Optional[dict[str, Any]] = None
@@ -112,6 +114,54 @@ class OutputSlice(_Strict):
     def _nonempty(cls, v: list[InputSlice]) -> list[InputSlice]:
         if not v:
             raise ValueError("a slice needs at least one source")
+        return v
+
+
+class ModelTokenSource(_Strict):
+    """``tokenizer.tokens.<tok>.source: {kind: model_token, model: M, token_id: N | token: S}``."""
+
+    kind: Literal["model_token"]
+    model: str
+    token_id: Optional[int] = None
+    token: Optional[str] = None
+
+    @field_validator("token_id")
+    @classmethod
+    def _id_ok(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v < 0:
+            raise ValueError(f"token_id must be >= 0, got {v}")
+        return v
+
+    def model_post_init(self, _: Any) -> None:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("a model_token source needs exactly one of token_id or token")
+
+
+class ZeroTokenSource(_Strict):
+    """``tokenizer.tokens.<tok>.source: {kind: zero}``."""
+
+    kind: Literal["zero"]
+
+
+class TokenEmbedding(_Strict):
+    """How the embedding rows of one output token are made (``tokenizer.tokens.<tok>``)."""
+
+    source: Union[ModelTokenSource, ZeroTokenSource, str, None] = None
+    force: bool = False
+
+
+class TokenizerBlock(_Strict):
+    """mergekit's ``tokenizer:`` block: the output vocabulary and how rows of tokens a model lacks are made."""
+
+    source: str = "union"
+    tokens: Optional[dict[str, TokenEmbedding]] = None
+    pad_to_multiple_of: Optional[int] = None
+
+    @field_validator("pad_to_multiple_of")
+    @classmethod
+    def _pad_ok(cls, v: Optional[int]) -> Optional[int]:
+        if v is not None and v <= 0:
+            raise ValueError(f"pad_to_multiple_of must be a positive integer, got {v}")
         return v
 
 
@@ -128,6 +178,7 @@ class MergeConfig(_Strict):
     dtype: Optional[str] = None
     out_dtype: Optional[str] = None
     tokenizer_source: Optional[str] = None
+    tokenizer: Optional[TokenizerBlock] = None
     chat_template: Optional[str] = None
     exclude: Optional[list[str]] = None  #: adaptkit extension: glob patterns of input tensors to leave out
 
@@ -160,8 +211,6 @@ COND_KEYS = {"filter", "value"}
 
 _UNSUPPORTED = {
     "modules": "multi-module configs ('modules:') are not supported; use 'models:' or 'slices:'",
-    "tokenizer": "the 'tokenizer:' block (added tokens, embedding init) is not supported; use tokenizer_source",
-    "residual_weight": "'residual_weight' is not supported",
 }
 
 
@@ -239,6 +288,12 @@ def parse_merge_config(raw: Any, *, source: str = "config") -> MergeConfig:
         raise ConfigError(f"{source}: exactly one of 'models' or 'slices' must be given (and non-empty)")
     if cfg.tokenizer_source is not None and not cfg.tokenizer_source.strip():
         raise ConfigError(f"{source}: tokenizer_source must be 'base', 'union' or a model")
+    if cfg.tokenizer is not None and cfg.tokenizer_source is not None and cfg.tokenizer_source != cfg.tokenizer.source:
+        # mergekit silently lets tokenizer.source win
+        raise ConfigError(
+            f"{source}: tokenizer_source {cfg.tokenizer_source!r} and tokenizer.source {cfg.tokenizer.source!r} "
+            "disagree; give one of them"
+        )
     return cfg
 
 

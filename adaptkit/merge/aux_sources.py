@@ -1,9 +1,9 @@
 """Where the output's non-weight files come from: the tokenizer source (``tokenizer_source``) and the chat
 template (``chat_template``).
 
-``tokenizer_source``: unset or ``base`` -- the base model (else the first model); ``union`` -- allowed only
-when every participant has the same tokenizer (adaptkit does not align vocabularies); a model of the merge;
-or another local folder with tokenizer files. The chosen source's tokenizer, generation config and chat
+``tokenizer_source``: unset or ``base`` -- the base model (else the first model); ``union`` -- the base's
+files with the union ``tokenizer.json`` built by :mod:`adaptkit.merge.vocab`; a model of the merge; or another
+local folder with tokenizer files. The chosen source's tokenizer, generation config and chat
 template files are copied into the output -- or, for a checkpoint that carries them inside (a GGUF file),
 written by its loader (``write_aux``). ``chat_template``: ``auto`` (the most common template among the
 inputs), a known name (``chatml``) or a Jinja template. Imports no torch.
@@ -43,17 +43,8 @@ def resolve_aux_source(tokenizer_source: Optional[str], models: ModelSet, defaul
             raise ConfigError(f"{src}: tokenizer_source: base needs a base_model")
         return AuxSource(models[default].path, default)
     if ts == "union":
-        # a union of identical tokenizers is that tokenizer; anything else needs vocabulary alignment
-        blobs = {}
-        for mi in sorted(participants):
-            p = models[mi].path
-            tok = p / "tokenizer.json" if p.is_dir() else None
-            blobs[mi] = tok.read_bytes() if tok is not None and tok.exists() else None
-        if len(set(blobs.values())) > 1:
-            raise ConfigError(
-                f"{src}: tokenizer_source: union of different tokenizers is not supported "
-                "(adaptkit does not align vocabularies); use 'base' or a model"
-            )
+        # the template's files; the union's tokenizer.json (when the vocabularies differ) is written by the
+        # engine from the plan's vocabulary alignment (adaptkit.merge.vocab)
         return AuxSource(models[default].path, default)
     known = models.known(ts)
     if known is not None:

@@ -33,6 +33,7 @@ from adaptkit.merge.executor import TensorExecutor
 from adaptkit.merge.output_config import config_json
 from adaptkit.merge.plan import MergePlan, build_plan
 from adaptkit.merge.runtime import set_threads
+from adaptkit.merge.vocab import write_union_tokenizer
 
 ProgressFn = Callable[[int, int, int, int], None]  # (tensors done, tensors total, bytes done, bytes total)
 
@@ -125,6 +126,8 @@ def run_merge(
                 writer.abort()
                 raise
             write_aux_files(pub, plan.aux, plan.models)
+            if plan.vocab is not None and plan.vocab.tokenizer_json is not None:
+                write_union_tokenizer(tmp, plan.vocab)
             if plan.out_config is not None:
                 (tmp / "config.json").write_text(config_json(plan.out_config))
             if plan.chat_template is not None:

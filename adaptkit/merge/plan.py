@@ -63,6 +63,8 @@ class MergePlan:
     method_qualified: str = ""  #: ``distribution:name`` of the method (who provides it)
     #: one-line warnings (parameters the method ignores); ``--strict`` turns them into errors
     warnings: list[str] = field(default_factory=list)
+    #: how the vocabulary-indexed tensors were re-indexed (``adaptkit.merge.vocab``), None when not needed
+    vocab: Any = None
 
     @property
     def merged_models(self) -> set[int]:
@@ -176,6 +178,17 @@ class _Planner:
         participants = sorted({s.model for sl in slices for s in sl.sources} | ({base} if base is not None else set()))
         self._check_architectures(participants)
         out_idx = base if base is not None else slices[0].sources[0].model
+        for i, s in enumerate(cfg.slices or []):
+            if s.residual_weight is not None:
+                self.warnings.append(
+                    f"{self.src}: slices[{i}].residual_weight is ignored: it has no effect (in mergekit 0.1.5 either)"
+                )
+        from adaptkit.merge.vocab import apply_alignment, plan_alignment
+
+        vocab = plan_alignment(cfg, self.models, participants, base, out_idx, self.src)
+        if vocab is not None:
+            apply_alignment(vocab, self.models)
+            self.notes.extend(vocab.notes)
         self.used: dict[int, set[str]] = {i: set() for i in range(len(self.models))}
         self.missing: dict[int, list[str]] = {}
         self.out_tied = self.models[out_idx].tied
@@ -193,13 +206,14 @@ class _Planner:
             self.models[out_idx].config, out_layers=out_layers, slices=slices,
             source_configs=[m.config for m in self.models.models], tasks=self.tasks, out_tied=self.out_tied,
         )
-        aux = resolve_aux_source(cfg.tokenizer_source, self.models, out_idx, participants, base is not None, self.src)
+        tok_source = cfg.tokenizer.source if cfg.tokenizer is not None else cfg.tokenizer_source
+        aux = resolve_aux_source(tok_source, self.models, out_idx, participants, base is not None, self.src)
         template = resolve_chat_template(cfg.chat_template, [m.path for m in self.models.models])
         return MergePlan(
             config=cfg, config_path=self.config_path, method=method, method_name=cfg.merge_method,
             models=self.models.models, base_index=base, tasks=self.tasks, excluded=self.excluded,
             out_config=out_config, aux=aux, chat_template=template, seed=seed, notes=self.notes,
-            method_qualified=self.method_qualified, warnings=self.warnings,
+            method_qualified=self.method_qualified, warnings=self.warnings, vocab=vocab,
         )
 
     def _note_tiebreak(self) -> None:
@@ -430,7 +444,7 @@ class _Planner:
             if len(i0.shape) == 2 and len(i1.shape) == 2 and i0.shape[1] == i1.shape[1]:
                 return (
                     f"tensor {name!r}: vocabulary sizes differ ({i0.shape[0]} in {a!r} vs {i1.shape[0]} in {b!r}); "
-                    "adaptkit merges only models with the same vocabulary (vocabulary alignment is not supported)"
+                    "set tokenizer_source (base, union or a model) to align the rows by token string"
                 )
         return f"tensor {name!r}: shape {list(i0.shape)} in {a!r} vs {list(i1.shape)} in {b!r}"
 

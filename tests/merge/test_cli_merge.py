@@ -28,6 +28,14 @@ def zoo(tmp_path_factory):
     make_tiny_llama(root / "wide", hidden_size=96, num_heads=4, num_kv_heads=2, seed=22)
     make_tiny_llama(root / "deep", num_layers=3, seed=23)
     make_tiny_llama(root / "bigvocab", vocab_size=576, seed=24)
+    # another tokenizer family: the same number of rows, no token string in common
+    shutil.copytree(root / "b", root / "alien")
+    tok = json.loads((root / "alien" / "tokenizer.json").read_text())
+    tok["model"]["vocab"] = {f"alien_{i}": i for i in range(len(tok["model"]["vocab"]))}
+    tok["model"]["merges"] = []
+    for e in tok["added_tokens"]:
+        e["content"] = "alien_" + e["content"]
+    (root / "alien" / "tokenizer.json").write_text(json.dumps(tok))
     # NaN in the data of the last tensor written; the header is fine
     shutil.copytree(root / "b", root / "nan")
     t = load_file(str(root / "nan" / "model.safetensors"))
@@ -79,7 +87,8 @@ def _one_line_error(r, code: int, *needles: str) -> str:
         (lambda c: c.update({"dtype": "bfloat61"}), 3, ["unknown dtype 'bfloat61'"]),
         (lambda c: c["models"][1].update({"model": "wide"}), 4, ["mismatched architectures: hidden_size is 64 in 'base' but 96 in 'wide'"]),
         (lambda c: c["models"][1].update({"model": "deep"}), 4, ["different layer counts"]),
-        (lambda c: c["models"][1].update({"model": "bigvocab"}), 4, ["vocabulary sizes differ (512 in 'base' vs 576 in 'bigvocab')"]),
+        (lambda c: (c["models"][1].update({"model": "alien"}), c.update({"tokenizer_source": "base"})), 4,
+         ["vocabularies cannot be aligned: model 'alien' has rows for only 0 of the 512 tokens"]),
         (lambda c: c["models"][1].update({"model": "nan"}), 4, ["model 'nan': tensor 'model.norm.weight' contains Inf"]),
         (lambda c: c["models"][1].update({"model": "pickled"}), 4, ["pickle", "--allow-pickle"]),
         (lambda c: c["models"][1].update({"model": "someorg/some-model"}), 4, ["not a local folder", "never downloads"]),
@@ -236,13 +245,14 @@ def test_tokenizer_source(zoo, tmp_path):
     r = _run(["merge", _write(tmp_path, "t2.yml", {**cfg, "tokenizer_source": "union"}), tmp_path / "o2", "-q"])
     assert r.exit_code == 0, r.output
     assert (tmp_path / "o2" / "tokenizer.json").read_bytes() == (tmp_path / "base" / "tokenizer.json").read_bytes()
-    # union of different tokenizers would need vocabulary alignment: refused, nothing written
+    # a token beyond b's embedding rows has no embedding: not part of the union (mergekit's rule), so the
+    # union is still the base's tokenizer (tests/merge/test_vocab_alignment.py covers real unions)
     tok = json.loads((tmp_path / "b" / "tokenizer.json").read_text())
     tok["added_tokens"].append({**tok["added_tokens"][-1], "id": 999, "content": "<extra>"})
     (tmp_path / "b" / "tokenizer.json").write_text(json.dumps(tok))
     r = _run(["merge", _write(tmp_path, "t3.yml", {**cfg, "tokenizer_source": "union"}), tmp_path / "o3", "-q"])
-    _one_line_error(r, 3, "union of different tokenizers is not supported")
-    assert not (tmp_path / "o3").exists()
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "o3" / "tokenizer.json").read_bytes() == (tmp_path / "base" / "tokenizer.json").read_bytes()
     # chat_template: auto takes the inputs' (most common) template
     r = _run(["merge", _write(tmp_path, "t4.yml", {**cfg, "chat_template": "auto"}), tmp_path / "o4", "-q"])
     assert r.exit_code == 0, r.output
