@@ -220,16 +220,32 @@ def merge(
     merge methods (unless ``registry`` is given) and the step hook. Relative model paths resolve against the
     working directory (as mergekit), else the YAML file's folder (both existing and different: an error).
     ``strict``: a parameter the method ignores is an error instead of a warning (``plan.warnings``)."""
-    from adaptkit.config import MergeConfig, load_merge_config, parse_merge_config
+    from adaptkit.config import MergeConfig, parse_merge_config
 
     config_path: Optional[Path] = None
     if isinstance(config, (str, os.PathLike)):
+        from adaptkit.merge.stages import load_stages, run_stages
+
         config_path = Path(config)
-        cfg = load_merge_config(config_path)
+        stages = load_stages(config_path)
+        if len(stages) > 1:  # a multi-stage file: each stage through this same function, in order
+            kw = dict(host=host, registry=registry, seed=seed, allow_pickle=allow_pickle, device=device,
+                      threads=threads, max_shard_size=max_shard_size, progress=progress, strict=strict)
+            return run_stages(stages, config_path, Path(out),
+                              lambda c, target, st, final: _merge_cfg(c, config_path, target, force=force, **kw))
+        cfg = stages[0].config
     elif isinstance(config, MergeConfig):
         cfg = config
     else:
         cfg = parse_merge_config(config)
+    return _merge_cfg(cfg, config_path, out, host=host, registry=registry, seed=seed, allow_pickle=allow_pickle,
+                      device=device, threads=threads, max_shard_size=max_shard_size, force=force,
+                      progress=progress, strict=strict)
+
+
+def _merge_cfg(cfg: Any, config_path: Optional[Path], out: Any, *, host: Any, registry: Any, seed: int,
+               allow_pickle: bool, device: str, threads: Optional[int], max_shard_size: int, force: bool,
+               progress: Optional[ProgressFn], strict: bool) -> MergeResult:
     if host is None:
         from adaptkit.plugins import get_plugin_manager
 
