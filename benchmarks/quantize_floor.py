@@ -97,15 +97,20 @@ def floor(model: Path, nsamples: int, seqlen: int, *, calib: str, all_hessians: 
     return {"wall": w1 - w0, "cpu": c1 - c0, "hessians": n_h, "phases": dict(lw.phases)}
 
 
-def quantize(model: Path, method: str, nsamples: int, seqlen: int, *, calib: str) -> dict:
+def quantize(model: Path, method: str, nsamples: int, seqlen: int, *, calib: str, keep: str | None) -> dict:
+    import hashlib
+
     from adaptkit.quantize.runner import run_quantize
 
     with tempfile.TemporaryDirectory(prefix="adaptkit-floor-") as d:
+        out = Path(keep) / f"{method}-{nsamples}x{seqlen}" if keep else Path(d) / "out"
         w0, c0 = clocks()
-        res = run_quantize(model, Path(d) / "out", method=method, bits=4, group_size=64, calib=calib,
+        res = run_quantize(model, out, method=method, bits=4, group_size=64, calib=calib, force=True,
                            nsamples=nsamples, seqlen=seqlen, show_progress=False, note=lambda m: None)
         w1, c1 = clocks()
-    return {"wall": w1 - w0, "cpu": c1 - c0, "phases": dict(res.phases), "timings": dict(res.timings)}
+        digest = hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    return {"wall": w1 - w0, "cpu": c1 - c0, "phases": dict(res.phases), "timings": dict(res.timings),
+            "sha256": digest}
 
 
 def main() -> None:
@@ -116,6 +121,7 @@ def main() -> None:
     ap.add_argument("--calib", default="builtin")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--all-hessians", action="store_true", help="one XᵀX per linear instead of per distinct input")
+    ap.add_argument("--keep", default=None, help="write the quantized checkpoints under this folder")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -144,11 +150,12 @@ def main() -> None:
                 r = floor(model, ns, sl, calib=args.calib, all_hessians=args.all_hessians)
                 floors.append(r)
             else:
-                r = quantize(model, method, ns, sl, calib=args.calib)
+                r = quantize(model, method, ns, sl, calib=args.calib, keep=args.keep)
                 rows[method] = r
             r["load"] = f"{before} -> {load()}"
             ph = " ".join(f"{k}={v:.1f}" for k, v in sorted(r["phases"].items(), key=lambda kv: -kv[1]))
-            print(f"{label:6s} wall {r['wall']:7.1f}s cpu {r['cpu']:7.1f}s  load {r['load']}  [{ph}]", flush=True)
+            sha = f" sha256 {r['sha256'][:16]}" if "sha256" in r else ""
+            print(f"{label:6s} wall {r['wall']:7.1f}s cpu {r['cpu']:7.1f}s  load {r['load']}{sha}  [{ph}]", flush=True)
         fw = sum(f["wall"] for f in floors) / len(floors)
         fc = sum(f["cpu"] for f in floors) / len(floors)
         print(f"floor (mean of {len(floors)}): wall {fw:.1f}s cpu {fc:.1f}s ({floors[0]['hessians']} Hessians)")

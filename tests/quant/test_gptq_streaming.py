@@ -154,3 +154,87 @@ def test_stream_equals_true_sequential_gptq_on_the_full_model(tiny_llama):
     # identical up to rounding ties flipped by H's fp32 vs float64 summation here; a flipped code changes
     # the error fed forward, so a few later codes of that matrix move too (measured: 61 of 73728)
     assert mismatches / total < 2e-3, f"{mismatches} of {total} codes differ"
+
+
+def _stopped_forwards_reference(lw, idx, layer, targets, fn):
+    """The pre-single-forward streaming: per true-sequential group one forward stopped before the group's
+    modules (``collect_hessians``), then a full forward of the quantized layer (``advance``)."""
+    from adaptkit_quant.layerwise import collect_hessians, discover_groups
+
+    mods = lw.modules(idx)
+    results = []
+    for s in discover_groups(lw, idx, layer, targets):
+        H = collect_hessians(lw, idx, layer, [s])[0]
+        out = fn(s, H, mods)
+        for name in s:
+            res, w_hat = out[name]
+            mods[name].weight.data = w_hat
+            results.append((name, res))
+    lw.advance(idx, layer)
+    return results
+
+
+@pytest.mark.parametrize("batch_tokens", [10_000, 100])  # one batch; several batches (sizes 2, 2, 1)
+def test_single_forward_equals_stopped_forwards(tiny_llama, batch_tokens):
+    """The paused single forward per layer (each batch's forward in its own thread, paused at every group)
+    gives bit-for-bit the codes and next-layer inputs of one stopped forward per group plus a full forward."""
+    from adaptkit_quant.layerwise import run_sequential_groups
+
+    path = tiny_llama(num_layers=2, hidden_size=64, intermediate_size=128)
+    spec = QuantSpec(bits=4, group_size=32, sym=False)
+    ids = torch.randint(3, 500, (5, 40), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for mode in ("paused", "stopped"):
+        with open_checkpoint(path) as ckpt:
+            lw = LayerwiseModel(path, ckpt)
+            lw.catch_inputs(ids, batch_tokens=batch_tokens)
+            items = []
+            for idx in range(lw.num_layers):
+                layer = lw.load_layer(idx)
+                targets = lw.linear_names(idx)
+
+                def fn(names, H, mods):
+                    W = torch.cat([mods[n].weight.detach().float() for n in names])
+                    ql, _ = gptq.gptq_quantize(W, H, spec, group_aware=True)
+                    out, r0 = {}, 0
+                    for n in names:
+                        r1 = r0 + mods[n].weight.shape[0]
+                        codes = ql.codes[r0:r1]
+                        part = type(ql)(codes=codes, scales=ql.scales[:, r0:r1], zeros=ql.zeros[:, r0:r1],
+                                        g_idx=ql.g_idx, spec=spec)
+                        out[n] = (part, part.dequantize())
+                        r0 = r1
+                    return out
+
+                if mode == "paused":
+                    items += run_sequential_groups(lw, idx, layer, targets, fn, advance=True)
+                else:
+                    items += _stopped_forwards_reference(lw, idx, layer, targets, fn)
+                lw.unload_layer(idx)
+            runs.append((items, [h.clone() for h in lw.inps]))
+    (a, ha), (b, hb) = runs
+    assert [n for n, _ in a] == [n for n, _ in b]
+    for (n, x), (_, y) in zip(a, b):
+        assert torch.equal(x.codes, y.codes) and torch.equal(x.scales, y.scales), n
+    assert len(ha) == len(hb) and all(torch.equal(x, y) for x, y in zip(ha, hb))
+
+
+def test_single_forward_propagates_errors_and_stops_its_threads(tiny_llama):
+    import threading
+
+    from adaptkit_quant.layerwise import run_sequential_groups
+
+    path = tiny_llama(num_layers=1, hidden_size=64, intermediate_size=128)
+    ids = torch.randint(3, 500, (3, 40), generator=torch.Generator().manual_seed(1))
+    before = threading.active_count()
+    with open_checkpoint(path) as ckpt:
+        lw = LayerwiseModel(path, ckpt)
+        lw.catch_inputs(ids, batch_tokens=40)  # 3 batches, 3 paused forwards
+        layer = lw.load_layer(0)
+
+        def fn(names, H, mods):
+            raise RuntimeError("boom in the solve")
+
+        with pytest.raises(RuntimeError, match="boom in the solve"):
+            run_sequential_groups(lw, 0, layer, lw.linear_names(0), fn, advance=True)
+    assert threading.active_count() == before
