@@ -65,6 +65,7 @@ def floor(model: Path, nsamples: int, seqlen: int, *, calib: str, all_hessians: 
                 layer = lw.load_layer(idx)
                 accs: list = []  # one per distinct input (or per linear), in first-call order
                 seen: set = set()
+                alive: list = []
 
                 def pre(mod, args, kwargs):
                     x = args[0] if args else kwargs["input"]
@@ -72,6 +73,7 @@ def floor(model: Path, nsamples: int, seqlen: int, *, calib: str, all_hessians: 
                     if key in seen:
                         return
                     seen.add(key)
+                    alive.append(x)  # keeps the id unique during this forward
                     i = len(seen) - 1
                     if i == len(accs):
                         accs.append(HessianAccumulator(x.shape[-1], device=lw.device))
@@ -85,6 +87,7 @@ def floor(model: Path, nsamples: int, seqlen: int, *, calib: str, all_hessians: 
                     seen.clear()
                     with lw.timed("forward"):
                         outs.append(lw.forward_layer(layer, h, kw))
+                    alive.clear()
                 for hk in hooks:
                     hk.remove()
                 for acc in accs:
@@ -94,7 +97,9 @@ def floor(model: Path, nsamples: int, seqlen: int, *, calib: str, all_hessians: 
                 lw.unload_layer(idx)
         lw.close()
     w1, c1 = clocks()
-    return {"wall": w1 - w0, "cpu": c1 - c0, "hessians": n_h, "phases": dict(lw.phases)}
+    phases = dict(lw.phases)
+    phases["forward"] = phases.get("forward", 0.0) - phases.get("hessian", 0.0)  # the hooks run inside it
+    return {"wall": w1 - w0, "cpu": c1 - c0, "hessians": n_h, "phases": phases}
 
 
 def quantize(model: Path, method: str, nsamples: int, seqlen: int, *, calib: str, keep: str | None) -> dict:
@@ -159,11 +164,16 @@ def main() -> None:
         fw = sum(f["wall"] for f in floors) / len(floors)
         fc = sum(f["cpu"] for f in floors) / len(floors)
         print(f"floor (mean of {len(floors)}): wall {fw:.1f}s cpu {fc:.1f}s ({floors[0]['hessians']} Hessians)")
+        # reading and tokenizing the calibration text is the same fixed cost in both (~10-25 s here); on a
+        # model with few layers it dominates, so the ratio without it is printed too
+        fx = sum(f["phases"].get("calibration_text", 0.0) for f in floors) / len(floors)
         for m, r in rows.items():
             rw, rc = r["wall"] / fw, r["cpu"] / fc
+            rx = (r["wall"] - r["phases"].get("calibration_text", 0.0)) / max(fw - fx, 1e-9)
             ok = "meets" if rw <= GOAL else "MISSES"
-            print(f"  {m:5s} {rw:5.2f}x floor wall, {rc:5.2f}x floor cpu  ({ok} the <= {GOAL:g}x goal on wall)")
-            r["ratio_wall"], r["ratio_cpu"] = rw, rc
+            print(f"  {m:5s} {rw:5.2f}x floor wall, {rc:5.2f}x floor cpu, {rx:5.2f}x floor wall without the "
+                  f"calibration text ({ok} the <= {GOAL:g}x goal on wall)")
+            r["ratio_wall"], r["ratio_cpu"], r["ratio_wall_without_calibration_text"] = rw, rc, rx
         report["shapes"][shape] = {"floor": floors, "methods": rows, "floor_wall": fw, "floor_cpu": fc}
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -42,6 +42,26 @@ CLIP_SAMPLE_TOKENS = 512
 CLIP_MAX_SHRINK = 0.5
 
 
+class _one_thread:
+    """Torch on one thread inside the block on CPU (restored after): for the many small elementwise passes
+    over one layer's weights, where an OpenMP team costs more in synchronisation than it saves (and fights
+    other processes for the cores). Used only where the result is the same for any thread count
+    (elementwise operations, min/max)."""
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.saved = torch.get_num_threads()
+        if self.saved != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: Any) -> None:
+        import torch
+
+        if self.saved != 1:
+            torch.set_num_threads(self.saved)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the AWQ grid
 # ---------------------------------------------------------------------------------------------------------
@@ -246,17 +266,21 @@ def search_scales(
     duo_scaling: bool = True,
     kv_map: Any = None,
     n_kv: int = 0,
+    ref: list["torch.Tensor"] | None = None,
 ) -> tuple["torch.Tensor", float, float, str]:
     """Best per-channel scales for ``linears`` (nn.Linear sharing the input ``inputs[b]``).
 
     ``run(b)`` computes the inspected block's output for batch ``b`` with the linears' *current* weights.
+    ``ref``: the block's outputs with the original weights when the caller already has them (the layer's
+    capture forward computed exactly these); else they are computed with ``run``.
     Returns ``(scales, best_loss, rtn_loss, best_label)``; weights are restored on return.
     """
     import torch
 
     originals = [lin.weight.detach().clone() for lin in linears]
     with torch.no_grad():
-        ref = [run(b) for b in range(len(inputs))]
+        if ref is None:
+            ref = [run(b) for b in range(len(inputs))]
         x_sum = None
         n_tok = 0
         for x in inputs:
@@ -271,9 +295,10 @@ def search_scales(
             for label, s in candidate_scales(x_mean, w_mean, n_grid, duo_scaling):
                 if kv_map is not None:
                     s, _ = tie_scales(s, kv_map, n_kv)
-                for lin, w0 in zip(linears, originals):
-                    sd = s.to(w0.dtype).view(1, -1)
-                    lin.weight.data = fake_quantize(w0 * sd, bits, group_size) / sd
+                with _one_thread():
+                    for lin, w0 in zip(linears, originals):
+                        sd = s.to(w0.dtype).view(1, -1)
+                        lin.weight.data = fake_quantize(w0 * sd, bits, group_size) / sd
                 loss = 0.0
                 count = 0
                 for b in range(len(inputs)):
@@ -342,11 +367,15 @@ def apply_clip(lin: Any, max_val: "torch.Tensor", group_size: int) -> None:
 # ---------------------------------------------------------------------------------------------------------
 # one layer
 # ---------------------------------------------------------------------------------------------------------
-def _capture(lw: Any, layer: Any, groups: list[ScaleGroup]) -> tuple[dict[str, list], list[dict[str, Any]], list]:
-    """Inputs of each group's first linear and the attention kwargs, per batch; and the layer's fp outputs."""
+def _capture(lw: Any, layer: Any, groups: list[ScaleGroup]) -> tuple[dict[str, list], list[dict[str, Any]], list,
+                                                                     dict[str, list]]:
+    """Inputs of each group's first linear and the attention kwargs, per batch; the layer's fp outputs; and
+    the fp outputs of each group's inspected module (the references of the scale search: the same modules
+    on the same input tensors with the same weights, so the same values a separate run computes)."""
     import torch
 
     feats: dict[str, list] = {g.linears[0]: [] for g in groups}
+    refs: dict[str, list] = {g.inspect: [] for g in groups}
     attn_kw: list[dict[str, Any]] = []
     hooks = []
 
@@ -356,8 +385,17 @@ def _capture(lw: Any, layer: Any, groups: list[ScaleGroup]) -> tuple[dict[str, l
 
         return hook
 
+    def make_ref_hook(name: str) -> Callable[..., None]:
+        def hook(_m: Any, _inp: tuple[Any, ...], out: Any) -> None:
+            out = out[0] if isinstance(out, (tuple, list)) else out
+            refs[name].append(out.detach())
+
+        return hook
+
     for name in feats:
         hooks.append(layer.get_submodule(name).register_forward_hook(make_hook(name)))
+    for name in refs:
+        hooks.append(layer.get_submodule(name).register_forward_hook(make_ref_hook(name)))
 
     def attn_pre(_m: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         kw = dict(kwargs)
@@ -373,7 +411,9 @@ def _capture(lw: Any, layer: Any, groups: list[ScaleGroup]) -> tuple[dict[str, l
     finally:
         for hk in hooks:
             hk.remove()
-    return feats, attn_kw, outs
+    n = len(outs)
+    refs = {k: v for k, v in refs.items() if len(v) == n}  # a module called more than once per forward: recompute
+    return feats, attn_kw, outs, refs
 
 
 def awq_layer(
@@ -394,7 +434,8 @@ def awq_layer(
             return all(f"{where}.{n}" in targets for n in touched)
 
         groups = [g for g in groups if ok(g)]
-    feats, attn_kw, outs = _capture(lw, layer, groups)
+    with lw.timed("forward"):
+        feats, attn_kw, outs, refs = _capture(lw, layer, groups)
     gs = spec.group_size
     for g in groups:
         lins = [layer.get_submodule(n) for n in g.linears]
@@ -408,10 +449,11 @@ def awq_layer(
             def run(b: int, mod: Any = mod, xs: list = xs) -> "torch.Tensor":
                 return mod(xs[b])
         n_kv = layer.get_submodule(g.prev).out_features if g.kv_map is not None else 0
-        s, loss, rtn_loss, label = search_scales(
-            lins, xs, run, bits=spec.bits, group_size=gs, n_grid=n_grid, duo_scaling=duo_scaling,
-            kv_map=g.kv_map, n_kv=n_kv,
-        )
+        with lw.timed("search_scales"):
+            s, loss, rtn_loss, label = search_scales(
+                lins, xs, run, bits=spec.bits, group_size=gs, n_grid=n_grid, duo_scaling=duo_scaling,
+                kv_map=g.kv_map, n_kv=n_kv, ref=refs.pop(g.inspect, None),
+            )
         g.scales = s
         fold_scales(layer, g, s)
         if g.kv_map is not None:
@@ -432,8 +474,9 @@ def awq_layer(
                 if name.endswith(("q_proj", "k_proj")):
                     continue
                 lin = layer.get_submodule(name)
-                mv = search_clip(lin.weight.detach(), x, bits=spec.bits, group_size=gs, n_grid=n_grid)
-                apply_clip(lin, mv, gs)
+                with lw.timed("search_clip"):
+                    mv = search_clip(lin.weight.detach(), x, bits=spec.bits, group_size=gs, n_grid=n_grid)
+                    apply_clip(lin, mv, gs)
     return groups, outs
 
 
@@ -472,7 +515,9 @@ def quantize(request: Any) -> Iterator[tuple[str, Any]]:
                 if name not in targets:
                     continue
                 mod = lw.modules(idx)[name]
-                yield name, quantize_linear(mod.weight.detach(), spec)
+                with lw.timed("codes"), _one_thread():
+                    item = quantize_linear(mod.weight.detach(), spec)
+                yield name, item
                 done.add(name)
             lw.inps = outs
             lw.unload_layer(idx)
