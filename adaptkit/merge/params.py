@@ -130,6 +130,13 @@ def validate_parameter_block(
                     f"{src}: parameter {key!r} in {loc} is ignored: merge method {method_name!r} does not use it"
                 )
                 continue
+            import difflib
+
+            if not difflib.get_close_matches(str(key), sorted(names), n=1, cutoff=0.6):
+                other = difflib.get_close_matches(str(key), sorted(known_elsewhere), n=1, cutoff=0.6)
+                if other:  # a typo of a name another method uses: say so (it would be ignored here anyway)
+                    raise ConfigError(f"{src}: unknown key {key!r} in {loc}; did you mean {other[0]!r}? "
+                                      f"(merge method {method_name!r} does not use it)")
             if not names:
                 raise ConfigError(f"{where}: merge method {method_name!r} takes no parameters (got {key!r})")
             raise ConfigError(f"{src}: unknown key {key!r} in {loc}{nearest_hint(key, names)}")

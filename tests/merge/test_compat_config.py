@@ -220,3 +220,12 @@ def test_dry_run_notes_the_tiebreak_on_bf16_inputs(tmp_path):
     cfg["parameters"] = {"magnitude_tiebreak": "sort"}
     r = _cli(_write(tmp_path / "m.yml", cfg), tmp_path / "out", "--dry-run", "--json")
     assert not any("magnitude_tiebreak" in n for n in json.loads(r.stdout)["notes"])
+
+
+def test_typo_of_another_methods_parameter_names_it(zoo, tmp_path):
+    cfg = {"merge_method": "slerp", "base_model": str(zoo / "base"), "parameters": {"t": 0.3},
+           "models": [{"model": str(zoo / "a"), "parameters": {"wieght": 0.5}}]}
+    r = _cli(_write(tmp_path / "m.yml", cfg), tmp_path / "out")
+    assert r.exit_code == 3
+    assert "unknown key 'wieght' in models[0].parameters; did you mean 'weight'? (merge method 'slerp' does not use it)" \
+        in _err_line(r)
