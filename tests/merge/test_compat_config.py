@@ -229,3 +229,16 @@ def test_typo_of_another_methods_parameter_names_it(zoo, tmp_path):
     assert r.exit_code == 3
     assert "unknown key 'wieght' in models[0].parameters; did you mean 'weight'? (merge method 'slerp' does not use it)" \
         in _err_line(r)
+
+
+def test_model_given_as_a_mapping(zoo, tmp_path):
+    """mergekit's ``model: {model: {path: X}}`` (and for base_model) means the same as ``model: X``."""
+    plain = {"merge_method": "task_arithmetic", "base_model": str(zoo / "base"),
+             "models": [{"model": str(zoo / "a"), "parameters": {"weight": 0.5}}]}
+    mapped = {"merge_method": "task_arithmetic", "base_model": {"model": {"path": str(zoo / "base")}},
+              "models": [{"model": {"model": {"path": str(zoo / "a")}}, "parameters": {"weight": 0.5}}]}
+    assert _cli(_write(tmp_path / "p.yml", plain), tmp_path / "p").exit_code == 0
+    r = _cli(_write(tmp_path / "m.yml", mapped), tmp_path / "m")
+    assert r.exit_code == 0, r.output
+    p, m = _load(tmp_path / "p"), _load(tmp_path / "m")
+    assert all(torch.equal(p[n], m[n]) for n in p)
