@@ -128,6 +128,14 @@ class MergePlan:
                 s.base_model = mapping[s.base_model]
             for so in s.sources:
                 so.model = mapping.get(so.model, so.model)
+        if cfg.tokenizer is not None:  # the tokenizer block's model references too
+            if cfg.tokenizer.source in mapping:
+                cfg.tokenizer.source = mapping[cfg.tokenizer.source]
+            for te in (cfg.tokenizer.tokens or {}).values():
+                if isinstance(te.source, str) and te.source in mapping:
+                    te.source = mapping[te.source]
+                elif getattr(te.source, "model", None) in mapping:
+                    te.source.model = mapping[te.source.model]
         if cfg.tokenizer_source in mapping:
             cfg.tokenizer_source = mapping[cfg.tokenizer_source]
         elif cfg.tokenizer_source not in (None, "base", "union") and self.aux_source is not None:

@@ -207,3 +207,17 @@ def test_residual_weight_is_accepted_with_a_warning(vz, tmp_path):
     assert "slices[0].residual_weight is ignored" in r.stderr
     r = CliRunner().invoke(main, ["merge", str(p), str(tmp_path / "out2"), "-q", "--strict"])
     assert r.exit_code == 3
+
+
+def test_recipe_names_tokenizer_block_models_by_absolute_path(vz, tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.chdir(vz)
+    t10 = tok_at(vz / "base", 10)
+    cfg = {"merge_method": "linear", "base_model": "base", "models": [
+        {"model": "base", "parameters": {"weight": 1.0}}, {"model": "chatml", "parameters": {"weight": 1.0}}],
+        "tokenizer": {"source": "union", "tokens": {t10: {"source": "chatml", "force": True}}}}
+    r = run_ak(cfg, tmp_path / "ak")
+    assert r.exit_code == 0, r.output
+    recipe = yaml.safe_load((tmp_path / "ak" / "mergekit_config.yml").read_text())
+    assert recipe["tokenizer"]["tokens"][t10]["source"] == os.path.realpath(vz / "chatml")
