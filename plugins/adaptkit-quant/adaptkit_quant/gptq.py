@@ -357,7 +357,7 @@ def _gptq_quantize(W: "torch.Tensor", H: "torch.Tensor", spec: QuantSpec, *, blo
     return ql, stats
 
 
-REL_ERR_ROWS = 512  #: output_rel_error estimates on at most this many evenly spaced rows
+REL_ERR_ROWS = 128  #: output_rel_error estimates on at most this many evenly spaced rows
 
 
 def output_rel_error(W: "torch.Tensor", W_hat: "torch.Tensor", H: "torch.Tensor", *,
@@ -376,7 +376,7 @@ def output_rel_error(W: "torch.Tensor", W_hat: "torch.Tensor", H: "torch.Tensor"
     W32 = W.to(torch.float32)
     D = W32 - W_hat.to(device=W.device, dtype=torch.float32)
     rows = W32.shape[0]
-    P = torch.cat([D, W32]) @ H.to(device=W.device, dtype=torch.float32)
+    P = torch.cat([D, W32]) @ H.to(device=W.device, dtype=torch.float32)  # a no-op for a float32 H
     num = float((P[:rows] * D).sum(dtype=torch.float64))
     den = float((P[rows:] * W32).sum(dtype=torch.float64))
     return math.sqrt(max(num, 0.0) / den) if den > 0 else float("nan")
@@ -439,7 +439,7 @@ def _stream_layers(request: Any, lw: Any, spec: QuantSpec, block_size: int, targ
             r0 = 0
             errs = []
             with _few_threads(W.device):
-                _split(names, Ws, ql, H, out, errs)
+                _split(names, Ws, ql, H.to(torch.float32), out, errs)  # H in float32 once for rel_err
             msg = f"layer {idx + 1}/{lw.num_layers} gptq rel_err " + " ".join(errs)
             if st.retries:
                 msg += f" ({st.notes[0]})"
