@@ -8,7 +8,8 @@
    reruns that step and every step reading it, even when finished.
 3. A step that fails stops the run: earlier outputs stay, the failing step leaves nothing (its runner writes
    into a temporary folder beside the target), and the error says how to resume. The state of every step is
-   recorded in ``OUTPUT/pipeline.json`` after each step.
+   recorded in ``OUTPUT/pipeline.json`` after each step; its ``finished`` record keeps the summary of every step
+   any pipeline finished in that folder (pipelines may share an output folder, and so their finished steps).
 """
 from __future__ import annotations
 
@@ -65,9 +66,15 @@ def plan_pipeline(pipe: Any, host: Any) -> list[PlannedStep]:
 
 
 def _read_state(output: Path) -> dict[str, Any]:
+    """``{key: {name, kind, seconds, summary}}`` of every step any pipeline finished in ``output`` (the state
+    file's ``finished`` record, which every run sharing the folder extends)."""
     try:
         doc = json.loads((output / STATE_FILE).read_text(encoding="utf-8"))
-        return {s["key"]: s for s in doc.get("steps", []) if isinstance(s, dict) and "key" in s}
+        out = {k: v for k, v in (doc.get("finished") or {}).items() if isinstance(v, dict)}
+        for s in doc.get("steps", []):
+            if isinstance(s, dict) and "key" in s and s.get("status") in ("ran", "cached") and s["key"] not in out:
+                out[s["key"]] = {k: s.get(k) for k in ("name", "kind", "seconds", "summary")}
+        return out
     except (OSError, ValueError, AttributeError):
         return {}
 
@@ -123,7 +130,7 @@ def run_pipeline(pipe: Any, host: Any, *, from_step: str | None = None, show_pro
 
     def state(status: str) -> dict[str, Any]:
         return {"schema": 1, "pipeline": str(pipe.path), "output": str(pipe.output), "status": status,
-                "seconds": round(time.perf_counter() - t0, 3), "steps": rows}
+                "seconds": round(time.perf_counter() - t0, 3), "steps": rows, "finished": previous}
 
     if dry_run:
         return state("dry-run")
@@ -160,6 +167,7 @@ def run_pipeline(pipe: Any, host: Any, *, from_step: str | None = None, show_pro
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
         row.update(status="ran", seconds=round(time.perf_counter() - t1, 3), summary=summary)
+        previous[ps.key] = {"name": ps.name, "kind": ps.step.kind, "seconds": row["seconds"], "summary": summary}
         say(f"      done in {row['seconds']:.1f}s")
     doc = state("finished")
     _write_state(pipe.output, doc)

@@ -4,7 +4,9 @@ found by its key and skipped, so only the variants run. Prints one row per merge
 
     ADAPTKIT_BASE=$(python -m adaptkit.testing.realmodel) python examples/pipeline/merge_settings.py
 
-The variants file is written beside the release pipeline (same relative paths, so the same keys) and removed.
+Run it after the release pipeline (its scores of the base, the parents and its TIES merge are read from the
+release's state file). The variants file is written beside the release pipeline (same relative paths, so the
+same keys and the same output folder) and removed.
 """
 from __future__ import annotations
 
@@ -23,26 +25,28 @@ PARENTS = ("analogy", "wordforms")
 
 
 def variants() -> dict[str, dict]:
-    def ties(density: float, normalize: bool = False) -> dict:
-        return {"merge_method": "ties", "base_model": "base", "dtype": "bfloat16",
+    def ties(density: float, normalize: bool = False, dtype: str = "bfloat16") -> dict:
+        return {"merge_method": "ties", "base_model": "base", "dtype": dtype,
                 "models": [{"model": m, "parameters": {"weight": 1.0, "density": density}} for m in PARENTS],
                 "parameters": {"normalize": normalize}}
 
     return {
-        "ties-d0.3": ties(0.3),
         "ties-d0.8": ties(0.8),
         "ties-d1.0": ties(1.0),
-        "ties-d0.5-normalized": ties(0.5, True),
         "task-arithmetic": {"merge_method": "task_arithmetic", "base_model": "base", "dtype": "bfloat16",
                             "models": [{"model": m, "parameters": {"weight": 1.0}} for m in PARENTS]},
-        "linear-0.5": {"merge_method": "linear", "dtype": "bfloat16",
-                       "models": [{"model": m, "parameters": {"weight": 0.5}} for m in PARENTS]},
+        # the same merges written in float32: the LoRA deltas are small next to the weights, and rounding the
+        # merged weights to bfloat16 (8-bit mantissa) erases part of them
+        "ties-d0.5-float32": ties(0.5, dtype="float32"),
+        "task-arithmetic-float32": {"merge_method": "task_arithmetic", "base_model": "base", "dtype": "float32",
+                                    "models": [{"model": m, "parameters": {"weight": 1.0}} for m in PARENTS]},
     }
 
 
 def main() -> int:
     doc = yaml.safe_load((HERE / "smollm2-release.yml").read_text())
-    steps = [s for s in doc["steps"] if "verify" not in s]
+    # the fine-tunes (finished by the release pipeline: found by their keys, skipped) and the variants
+    steps = [s for s in doc["steps"] if "train" in s or "merge-adapter" in s]
     for name, cfg in variants().items():
         steps.append({"name": f"merge-{name}", "merge": cfg})
         steps.append({"name": f"score-merge-{name}", "eval": {"model": f"merge-{name}", "tasks": TASKS}})
@@ -60,8 +64,13 @@ def main() -> int:
     res = {s["name"]: s for s in json.loads(r.stdout)["steps"]}
 
     def score(step: str) -> dict[str, float]:
-        return {m["task"]: m["value"] for m in res[step]["summary"]["metrics"]}
+        doc = json.loads((Path(res[step]["output"]) / "eval.json").read_text())
+        return {m["task"]: m["value"] for m in doc["metrics"]}
 
+    # base, parents and the pipeline's TIES: scored by the release pipeline (found through its plan)
+    plan = subprocess.run([sys.executable, "-m", "adaptkit", "run", str(HERE / "smollm2-release.yml"), "--dry-run",
+                           "--json"], stdout=subprocess.PIPE, env=os.environ, check=True)
+    res.update({s["name"]: s for s in json.loads(plan.stdout)["steps"] if s["name"].startswith("score-")})
     base = score("score-base")
     parent = {p: score(f"score-{p}") for p in PARENTS}
     gain = {p: parent[p][p] - base[p] for p in PARENTS}
