@@ -25,6 +25,7 @@ def _recipe(data: Path) -> dict:
             "training": {"max_steps": 3, "batch_size": 4, "learning_rate": 5e-3, "max_seq_len": 64}, "seed": 0}
 
 
+@pytest.mark.slow  # ~25-40 s on 2 cores (TRL's start-up, a trained LoRA, PEFT's reference merge)
 def test_train_then_merge_adapter_equals_peft_merge(adaptkit_cli, tiny_llama, tmp_path):
     pytest.importorskip("trl")
     peft = pytest.importorskip("peft")
