@@ -35,7 +35,9 @@ elif [ "$rc" != 0 ]; then
 fi
 
 step "4. task scores (held-out questions whose reply starts with the answer) and bits per byte vs the base"
-$PY - "$OUT/pipeline.json" <<'PYEOF'
+PLAN=demo-out/plan.json  # every step's output folder (by key), whichever run made it
+$AK run "$PIPELINE" --dry-run --json > "$PLAN"
+$PY - "$PLAN" <<'PYEOF'
 import json, sys
 doc = json.load(open(sys.argv[1]))
 steps = {s["name"]: s for s in doc["steps"]}
@@ -69,7 +71,7 @@ else:
 PYEOF
 
 step "5. the quantized model, loaded the way a deployment loads it: transformers with its GPTQ backend"
-GPTQ_DIR=$($PY -c "import json,sys; print({s['name']: s for s in json.load(open(sys.argv[1]))['steps']}['gptq']['output'])" "$OUT/pipeline.json")
+GPTQ_DIR=$($PY -c "import json,sys; print({s['name']: s for s in json.load(open(sys.argv[1]))['steps']}['gptq']['output'])" "$PLAN")
 DEPLOY=.venv-interop/bin/python
 if [ ! -f .venv-interop/.setup ]; then
   # GPTQModel (the GPTQ backend transformers uses) pins an older numpy than adaptkit's venv has, so it lives in
