@@ -18,6 +18,7 @@ from typing import Any, Literal, Optional, Union
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from adaptkit.errors import ConfigError
+from adaptkit.io.yamlfile import check_keys, nearest_hint, read_yaml_mapping, validation_error
 
 Scalar = Union[bool, int, float, str]
 
@@ -214,20 +215,12 @@ _UNSUPPORTED = {
 }
 
 
-def nearest_hint(key: str, valid: Any) -> str:
-    close = difflib.get_close_matches(str(key), sorted(valid), n=1, cutoff=0.6)
-    return f"; did you mean {close[0]!r}?" if close else f" (valid keys: {', '.join(sorted(valid))})"
-
-
 def _check_keys(obj: Any, valid: set[str], where: str, src: str) -> None:
-    if not isinstance(obj, dict):
-        return
-    for key in obj:
-        if key in _UNSUPPORTED and key not in valid:
-            raise ConfigError(f"{src}: {_UNSUPPORTED[key]} (at {where or 'top level'})")
-        if key not in valid:
-            loc = f" in {where}" if where else ""
-            raise ConfigError(f"{src}: unknown key {key!r}{loc}{nearest_hint(key, valid)}")
+    if isinstance(obj, dict):
+        for key in obj:
+            if key in _UNSUPPORTED and key not in valid:
+                raise ConfigError(f"{src}: {_UNSUPPORTED[key]} (at {where or 'top level'})")
+    check_keys(obj, valid, where, src)
 
 
 def _check_raw(raw: dict[str, Any], src: str) -> None:
@@ -247,29 +240,6 @@ def _check_raw(raw: dict[str, Any], src: str) -> None:
                     _check_keys(so, _SOURCE_KEYS, f"slices[{i}].sources[{j}]", src)
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += ("." if out else "") + str(part)
-    return out or "top level"
-
-
-def _format_validation_error(exc: ValidationError, src: str) -> ConfigError:
-    err = exc.errors()[0]
-    loc = _loc(tuple(p for p in err.get("loc", ()) if not (isinstance(p, str) and p.startswith("function-"))))
-    msg = err.get("msg", "invalid value")
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
-    if err.get("type") == "missing":
-        return ConfigError(f"{src}: missing required key {loc!r}")
-    inp = err.get("input")
-    shown = "" if isinstance(inp, (dict, list)) else f" (got {inp!r})"
-    return ConfigError(f"{src}: {loc}: {msg}{shown}")
-
-
 def parse_merge_config(raw: Any, *, source: str = "config") -> MergeConfig:
     """Validate an already-loaded YAML mapping. ``source`` names the file in error messages."""
     if not isinstance(raw, dict):
@@ -283,7 +253,7 @@ def parse_merge_config(raw: Any, *, source: str = "config") -> MergeConfig:
     try:
         cfg = MergeConfig.model_validate(raw)
     except ValidationError as exc:
-        raise _format_validation_error(exc, source) from None
+        raise validation_error(exc, source) from None
     if bool(cfg.models) == bool(cfg.slices):
         raise ConfigError(f"{source}: exactly one of 'models' or 'slices' must be given (and non-empty)")
     if cfg.tokenizer_source is not None and not cfg.tokenizer_source.strip():
@@ -299,25 +269,7 @@ def parse_merge_config(raw: Any, *, source: str = "config") -> MergeConfig:
 
 def load_merge_config(path: str | Path) -> MergeConfig:
     """Read and validate a merge YAML file; every problem is a one-line ConfigError naming the file."""
-    import yaml
-
-    p = Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{p}: config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{p}: cannot read config: {exc}") from None
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{p.name}: invalid YAML{where}: {problem}") from None
-    if raw is None:
-        raise ConfigError(f"{p.name}: config file is empty")
-    return parse_merge_config(raw, source=p.name)
+    return parse_merge_config(read_yaml_mapping(path, "config"), source=Path(path).name)
 
 
 def dump_merge_config(cfg: MergeConfig) -> str:
