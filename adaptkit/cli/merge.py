@@ -26,8 +26,8 @@ def _size(value: str) -> int:
 @click.argument("config_file", metavar="CONFIG.yml", type=click.Path(path_type=Path))
 @click.argument("out", metavar="OUT", type=click.Path(path_type=Path))
 @click.option("--device", default="cpu", show_default=True, help="Compute device: cpu or cuda.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="Torch compute threads (default: all cores). The output does not depend on it.")
+@click.option("--threads", type=int, default=None,
+              help="Torch compute threads, 1 to the number of cores (default: all cores). The output does not depend on it.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of randomized methods (DARE/DELLA masks are seeded per tensor and model).")
 @click.option("--max-shard-size", default="5GB", show_default=True, help="Largest output shard (e.g. 500MB, 2GiB).")
@@ -53,7 +53,9 @@ def merge(config_file: Path, out: Path, device: str, threads: Optional[int], see
     later ones naming earlier ones as models; the last document is written to OUT.
     """
     from adaptkit.merge.runtime import tune_allocator, tune_openmp
+    from adaptkit.threads import check_threads
 
+    check_threads(threads)  # before anything is read: one line, nothing written
     tune_openmp()  # before torch is imported
     tune_allocator()  # before torch is imported
     from adaptkit.cli import get_host

@@ -101,7 +101,7 @@ def quantize(ctx: click.Context, model: str, out: str, method: str, bits: int | 
 
         size = parse_size(max_shard_size)
     explicit = _explicit(ctx)
-    from adaptkit.quantize.runner import check_threads
+    from adaptkit.threads import check_threads
 
     check_threads(threads)  # before anything is read: one line, nothing written
     if method == DEQUANTIZE:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable
 
 from adaptkit.errors import AdaptkitError, CheckpointError, ConfigError, OutputError
 from adaptkit.quantize.api import QuantizeRequest, QuantizeResult, QuantSpec
+from adaptkit.threads import available_cores, check_threads  # noqa: F401 - re-exported
 
 _LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -29,27 +30,6 @@ _FLAGS = {"bits": "--bits", "group_size": "--group-size", "sym": "--sym/--asym",
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def available_cores() -> int:
-    """CPU cores this process may run on (its affinity mask; ``os.cpu_count()`` where there is none)."""
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0)) or 1
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
-
-
-def check_threads(threads: int | None) -> None:
-    """``--threads``: None (torch's default) or 1 .. the available cores; a one-line ``ConfigError`` otherwise."""
-    if threads is None:
-        return
-    cores = available_cores()
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ConfigError(f"--threads {threads}: use a whole number from 1 to {cores} (the cores of this machine)")
-    if threads > cores:
-        raise ConfigError(f"--threads {threads}: this machine has {cores} cores available; use 1 to {cores}")
 
 
 class _threads:

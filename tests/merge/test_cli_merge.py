@@ -184,6 +184,10 @@ def test_json_summary_and_slerp_fallback_count(zoo, tmp_path):
 
 @pytest.mark.parametrize("method", ["ties", "dare_ties"])
 def test_bit_identical_across_threads(zoo, tmp_path, method):
+    from adaptkit.threads import available_cores
+
+    if available_cores() < 2:
+        pytest.skip("one core: --threads 2 is refused here")
     cfg = dict(json.loads(json.dumps(TIES)), merge_method=method)
     cfg_path = _write(zoo, f"{method}-threads.yml", cfg)
     for threads in ("1", "2"):
@@ -193,6 +197,20 @@ def test_bit_identical_across_threads(zoo, tmp_path, method):
     assert a == (tmp_path / "2" / "model.safetensors").read_bytes()
     r = _run(["merge", cfg_path, tmp_path / "3", "-q", "--seed", "7"])
     assert (tmp_path / "3" / "model.safetensors").read_bytes() == a
+
+
+def test_bad_threads_is_one_line_and_writes_nothing(zoo, tmp_path):
+    import os
+
+    cfg_path = _write(zoo, "threads-bad.yml", json.loads(json.dumps(TIES)))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    for value, needle in (("0", "--threads 0: use a whole number from 1 to"),
+                          (str(cores + 1), f"--threads {cores + 1}: this machine has {cores} cores")):
+        r = _run(["merge", cfg_path, tmp_path / "out", "-q", "--threads", value])
+        assert r.exit_code == 3, r.output
+        lines = [x for x in r.output.splitlines() if x.strip()]
+        assert len(lines) == 1 and needle in lines[0], r.output
+        assert not (tmp_path / "out").exists()
 
 
 def test_merged_model_loads_and_outputs_are_complete(zoo, tmp_path):
