@@ -28,3 +28,23 @@ def check_threads(threads: int | None) -> None:
         raise ConfigError(f"--threads {threads}: use a whole number from 1 to {cores} (the cores of this machine)")
     if threads > cores:
         raise ConfigError(f"--threads {threads}: this machine has {cores} cores available; use 1 to {cores}")
+
+
+class single_thread:
+    """Torch on one thread inside the block (restored after). For the many small elementwise passes over one
+    layer's weights (checking and packing integer codes, fake-quantizing candidates), where an OpenMP team costs
+    more in synchronisation than it saves and fights other processes for the cores. Use it only where the result
+    is the same for any thread count (elementwise operations, min/max)."""
+
+    def __enter__(self) -> None:
+        import torch
+
+        self.saved = torch.get_num_threads()
+        if self.saved != 1:
+            torch.set_num_threads(1)
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self.saved != 1:
+            torch.set_num_threads(self.saved)

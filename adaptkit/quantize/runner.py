@@ -16,7 +16,7 @@ from typing import Any, Callable, Iterable
 
 from adaptkit.errors import AdaptkitError, CheckpointError, ConfigError, OutputError
 from adaptkit.quantize.api import QuantizeRequest, QuantizeResult, QuantSpec
-from adaptkit.threads import available_cores, check_threads  # noqa: F401 - re-exported
+from adaptkit.threads import available_cores, check_threads, single_thread  # noqa: F401 - re-exported
 
 _LAYER_RE = re.compile(r"(^|\.)layers\.(\d+)\.")
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
@@ -49,25 +49,6 @@ class _threads:
         if self.n is not None:
             import torch
 
-            torch.set_num_threads(self.saved)
-
-
-class _single_thread:
-    """Torch on one thread inside the block (restored after). Checking and packing one layer's integer codes
-    is a handful of small elementwise passes: an OpenMP team only adds synchronisation (several times slower
-    on a busy 2-core machine), and integer results do not depend on the thread count."""
-
-    def __enter__(self) -> None:
-        import torch
-
-        self.saved = torch.get_num_threads()
-        if self.saved != 1:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc: Any) -> None:
-        import torch
-
-        if self.saved != 1:
             torch.set_num_threads(self.saved)
 
 
@@ -393,7 +374,7 @@ def _write(request: QuantizeRequest, impl: Callable[..., Any], fmt_mod: Any, ckp
                             raise bad(f"returned {key} with shape {list(item.shape)}, not {list(info.shape)}")
                         t_pack = time.perf_counter()
                         try:
-                            with _single_thread():
+                            with single_thread():
                                 item.validate(key)
                                 packed = fmt_mod.pack(item, spec, opts, weight_dtype=info.dtype)
                         except ValueError as e:

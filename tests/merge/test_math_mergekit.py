@@ -24,18 +24,10 @@ from mergekit.sparsify import bernoulli, magnitude, magnitude_outliers  # noqa: 
 
 from adaptkit.merge import sparsify as sp  # noqa: E402
 from adaptkit.merge.api import MergeInputs  # noqa: E402
-from adaptkit.registry import MergerRegistry  # noqa: E402
+from tests.merge.builtin_registry import builtin_registry  # noqa: E402
 
 
-def _registry():
-    from adaptkit.builtins import mergers
-
-    reg = MergerRegistry()
-    mergers.adaptkit_register_mergers(reg)
-    return reg
-
-
-REG = _registry()
+REG = builtin_registry()
 
 
 def run(method, tensors, base, params, global_params, *, seed=0):

@@ -17,18 +17,10 @@ pytest.importorskip("mergekit")
 from mergekit.merge_methods.api import merge_tensors  # noqa: E402
 
 from adaptkit.merge.api import MergeInputs  # noqa: E402
-from adaptkit.registry import MergerRegistry  # noqa: E402
+from tests.merge.builtin_registry import builtin_registry  # noqa: E402
 
 
-def _registry():
-    from adaptkit.builtins import mergers
-
-    reg = MergerRegistry()
-    mergers.adaptkit_register_mergers(reg)
-    return reg
-
-
-REG = _registry()
+REG = builtin_registry()
 
 
 def run(method, xs, base, per_model, g):

@@ -12,18 +12,10 @@ pytest.importorskip("mergekit")
 from mergekit.merge_methods.api import merge_tensors  # noqa: E402
 
 from adaptkit.merge.api import MergeInputs  # noqa: E402
-from adaptkit.registry import MergerRegistry  # noqa: E402
+from tests.merge.builtin_registry import builtin_registry  # noqa: E402
 
 
-def _reg():
-    from adaptkit.builtins import mergers
-
-    r = MergerRegistry()
-    mergers.adaptkit_register_mergers(r)
-    return r
-
-
-REG = _reg()
+REG = builtin_registry()
 
 
 def _ours(method, xs, base, per, g):

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 from adaptkit.errors import ConfigError
 
 from adaptkit.quantize.api import QuantizedLinear, QuantSpec
+from adaptkit.threads import single_thread
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -40,26 +41,6 @@ if TYPE_CHECKING:  # pragma: no cover
 N_GRID = 20
 CLIP_SAMPLE_TOKENS = 512
 CLIP_MAX_SHRINK = 0.5
-
-
-class _one_thread:
-    """Torch on one thread inside the block on CPU (restored after): for the many small elementwise passes
-    over one layer's weights, where an OpenMP team costs more in synchronisation than it saves (and fights
-    other processes for the cores). Used only where the result is the same for any thread count
-    (elementwise operations, min/max)."""
-
-    def __enter__(self) -> None:
-        import torch
-
-        self.saved = torch.get_num_threads()
-        if self.saved != 1:
-            torch.set_num_threads(1)
-
-    def __exit__(self, *exc: Any) -> None:
-        import torch
-
-        if self.saved != 1:
-            torch.set_num_threads(self.saved)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,7 +276,7 @@ def search_scales(
             for label, s in candidate_scales(x_mean, w_mean, n_grid, duo_scaling):
                 if kv_map is not None:
                     s, _ = tie_scales(s, kv_map, n_kv)
-                with _one_thread():
+                with single_thread():
                     for lin, w0 in zip(linears, originals):
                         sd = s.to(w0.dtype).view(1, -1)
                         lin.weight.data = fake_quantize(w0 * sd, bits, group_size) / sd
@@ -515,7 +496,7 @@ def quantize(request: Any) -> Iterator[tuple[str, Any]]:
                 if name not in targets:
                     continue
                 mod = lw.modules(idx)[name]
-                with lw.timed("codes"), _one_thread():
+                with lw.timed("codes"), single_thread():
                     item = quantize_linear(mod.weight.detach(), spec)
                 yield name, item
                 done.add(name)
