@@ -32,8 +32,14 @@ def run(pipeline: Path, from_step: str | None, output: Path | None, dry_run: boo
 
     pipe = load_pipeline(pipeline, output=output)
     host = get_host()
-    doc = run_pipeline(pipe, host, from_step=from_step, show_progress=not quiet and not as_json,
-                       log=None if quiet else (lambda m: click.echo(m, err=True)), dry_run=dry_run)
+    try:
+        doc = run_pipeline(pipe, host, from_step=from_step, show_progress=not quiet and not as_json,
+                           log=None if quiet else (lambda m: click.echo(m, err=True)), dry_run=dry_run)
+    except Exception:
+        # a step failed: the table of what ran, what failed and what did not run (stderr), then the error line
+        if not quiet and not dry_run:
+            _failed_table(pipe.output)
+        raise
     if as_json:
         click.echo(json.dumps(doc, indent=2, default=str))
         return
@@ -46,3 +52,13 @@ def run(pipeline: Path, from_step: str | None, output: Path | None, dry_run: boo
     else:
         click.echo(f"pipeline {pipeline.name}: {ran} step(s) ran, {cached} finished earlier, in {doc['seconds']:.1f}s; "
                    f"outputs in {doc['output']} (state: {doc['output']}/pipeline.json)")
+
+
+def _failed_table(output: Path) -> None:
+    from adaptkit.pipeline.runner import STATE_FILE, summary_table
+
+    try:
+        doc = json.loads((output / STATE_FILE).read_text(encoding="utf-8"))
+        click.echo(summary_table(doc), err=True)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
