@@ -130,11 +130,18 @@ class ScoredLogits:
         self.n = int(hidden.shape[0] if hidden is not None else logits.shape[0])
 
     def __iter__(self) -> Iterator[tuple[int, Any]]:
+        import torch
+
         for s in range(0, self.n, self.chunk):
-            if self.hidden is not None:
-                yield s, self.head(self.hidden[s : s + self.chunk]).float()
-            else:
-                yield s, self.logits[s : s + self.chunk].float()
+            # inference mode around the computation only, never across a yield: a generator suspended inside the
+            # context would leave the caller's grad mode switched off (and interleaved generators, as agreement
+            # runs two, restore it out of order)
+            with torch.inference_mode():
+                if self.hidden is not None:
+                    out = self.head(self.hidden[s : s + self.chunk]).float()
+                else:
+                    out = self.logits[s : s + self.chunk].float()
+            yield s, out
 
 
 def scored_logits(model: Any, windows: list[Window], batch_tokens: int, max_rows: int, device: str = "cpu",
@@ -147,17 +154,17 @@ def scored_logits(model: Any, windows: list[Window], batch_tokens: int, max_rows
     batches = plan_batches(windows, batch_tokens, max_rows)
     split = split_head(model)
     done = 0
-    with torch.inference_mode():
-        for idx in batches:
+    for idx in batches:
+        with torch.inference_mode():  # not across the yield (see ScoredLogits.__iter__)
             ids, mask, targets = _batch_tensors(windows, idx, pad, device)
             if split is not None:
-                hidden = split[0](input_ids=ids).last_hidden_state[mask]
-                yield idx, ScoredLogits(hidden=hidden, head=split[1], chunk=chunk), targets
+                scored = ScoredLogits(hidden=split[0](input_ids=ids).last_hidden_state[mask], head=split[1], chunk=chunk)
             else:
-                yield idx, ScoredLogits(logits=model(input_ids=ids).logits[mask], chunk=chunk), targets
-            done += len(idx)
-            if progress is not None:
-                progress(done, len(windows))
+                scored = ScoredLogits(logits=model(input_ids=ids).logits[mask], chunk=chunk)
+        yield idx, scored, targets
+        done += len(idx)
+        if progress is not None:
+            progress(done, len(windows))
 
 
 def window_nll(scored: ScoredLogits, targets: Any) -> Any:
