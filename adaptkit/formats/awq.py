@@ -26,11 +26,12 @@ DESCRIPTION = "AWQ GEMM (AutoAWQ / transformers / vLLM): 4-bit integer grid with
 SUFFIXES = ("qweight", "qzeros", "scales")
 QUANT_METHOD = "awq"  #: ``quantization_config.quant_method``
 VERSION = "gemm"  #: the only AWQ kernel layout adaptkit writes and reads
+SUPPORTED_BITS = (4,)
 
 
 # -- writing -----------------------------------------------------------------------------------------------
 def spec_problem(spec: QuantSpec, options: dict[str, Any] | None = None) -> str | None:
-    if spec.bits != 4:
+    if spec.bits not in SUPPORTED_BITS:
         return f"the AWQ GEMM format stores 4-bit weights only, not {spec.bits}"
     if spec.group_size == -1:
         return "the AWQ GEMM format needs a group size (per-channel -1 is not supported)"
@@ -113,6 +114,16 @@ def unpack(qweight: "torch.Tensor", qzeros: "torch.Tensor", scales: "torch.Tenso
         codes=codes, scales=scales.to(torch.float32), zeros=zeros.to(torch.int32), g_idx=g_idx,
         spec=QuantSpec(bits=4, group_size=group_size, sym=False),
     )
+
+
+def static_layout(qweight_shape: tuple[int, ...], bits: int, group_size: int, *, has_g_idx: bool = False
+                  ) -> tuple[int, int, dict[str, tuple[tuple[str, ...], tuple[int, ...]]]]:
+    """What a ``{m}.qweight`` of this shape needs beside it, for checks that read headers only (``adaptkit
+    verify``): ``(in_features, out_features, {suffix: (allowed dtype codes, shape)})``."""
+    pack = 32 // bits
+    in_f, out_f = qweight_shape[0], qweight_shape[1] * pack
+    groups = 1 if group_size == -1 else -(-in_f // group_size)
+    return in_f, out_f, {"scales": (("F16", "BF16", "F32"), (groups, out_f)), "qzeros": (("I32",), (groups, out_f // pack))}
 
 
 def detect_config(qconfig: dict[str, Any]) -> bool:

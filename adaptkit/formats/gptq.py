@@ -155,6 +155,20 @@ def unpack(
     )
 
 
+def static_layout(qweight_shape: tuple[int, ...], bits: int, group_size: int, *, has_g_idx: bool = False
+                  ) -> tuple[int, int, dict[str, tuple[tuple[str, ...], tuple[int, ...]]]]:
+    """What a ``{m}.qweight`` of this shape needs beside it, for checks that read headers only (``adaptkit
+    verify``): ``(in_features, out_features, {suffix: (allowed dtype codes, shape)})``."""
+    in_f, out_f = qweight_shape[0] * 32 // bits, qweight_shape[1]
+    groups = 1 if group_size == -1 else -(-in_f // group_size)
+    want: dict[str, tuple[tuple[str, ...], tuple[int, ...]]] = {"scales": (("F16", "BF16", "F32"), (groups, out_f))}
+    if 32 % bits == 0:
+        want["qzeros"] = (("I32",), (groups, out_f // (32 // bits)))
+    if has_g_idx:
+        want["g_idx"] = (("I32",), (in_f,))
+    return in_f, out_f, want
+
+
 def detect_config(qconfig: dict[str, Any]) -> bool:
     return str(qconfig.get("quant_method", "")).lower() == QUANT_METHOD
 

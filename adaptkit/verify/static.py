@@ -84,6 +84,18 @@ def _is_pickle_magic(path: Path) -> bool:
     return False
 
 
+
+def _integer_grid_format(qc: dict) -> Any:
+    """The core format module (:data:`adaptkit.formats.FORMATS`) whose ``quantization_config`` this is, when
+    its packed integer layout can be checked from tensor headers (it provides ``static_layout``), else None."""
+    from adaptkit.formats import FORMATS, format_module
+
+    for name in FORMATS:
+        mod = format_module(name)
+        if hasattr(mod, "static_layout") and mod.detect_config(qc):
+            return mod
+    return None
+
 class StaticChecker:
     """Runs the static checks on one checkpoint (see the module docstring)."""
 
@@ -466,17 +478,18 @@ class StaticChecker:
             return
         method = str(qc.get("quant_method", "")).lower()
         rec.detail = f"quant_method {method or '?'}"
-        if method in ("gptq", "awq"):
-            self._check_gptq_awq(method, qc, cfgp)
+        fmt = _integer_grid_format(qc)
+        if fmt is not None:
+            self._check_integer_grid(fmt, method, qc, cfgp)
         elif method == "bitsandbytes":
             self._check_bnb(qc, cfgp)
         else:
             self.f.add("method-unchecked", cfgp, f"{cfgp}: quant_method {method!r} is not one adaptkit checks "
                        "(gptq, awq, bitsandbytes)", severity=WARNING)
 
-    def _check_gptq_awq(self, method: str, qc: dict, cfgp: Path) -> None:
+    def _check_integer_grid(self, fmt: Any, method: str, qc: dict, cfgp: Path) -> None:
         bits, group = qc.get("bits", qc.get("w_bit")), qc.get("group_size", qc.get("q_group_size"))
-        allowed = (2, 3, 4, 8) if method == "gptq" else (4,)
+        allowed = fmt.SUPPORTED_BITS
         if bits not in allowed:
             self.f.add("bits", cfgp, f"{cfgp}: quantization_config bits is {bits!r} (a {method} checkpoint has "
                        f"{'/'.join(map(str, allowed))})")
@@ -490,7 +503,6 @@ class StaticChecker:
             self.f.add("no-quantized-tensors", cfgp, f"{cfgp}: quantization_config says {method} but no tensor is "
                        "quantized (no *.qweight)")
             return
-        pack = 32 // bits if 32 % bits == 0 else None
         for m in mods:
             qw = infos[m + ".qweight"]
             file = qw.file
@@ -498,17 +510,7 @@ class StaticChecker:
                 self.f.add("qweight", file, f"{file}: {m}.qweight must be a 2-D int32 tensor (is {qw.dtype} "
                            f"{list(qw.shape)})")
                 continue
-            if method == "gptq":
-                in_f = qw.shape[0] * 32 // bits
-                out_f = qw.shape[1]
-            else:
-                in_f, out_f = qw.shape[0], qw.shape[1] * (pack or 1)
-            groups = 1 if group == -1 else math.ceil(in_f / group)
-            want = {"scales": (("F16", "BF16", "F32"), (groups, out_f))}
-            if pack:
-                want["qzeros"] = (("I32",), (groups, out_f // pack))
-            if method == "gptq" and f"{m}.g_idx" in infos:
-                want["g_idx"] = (("I32",), (in_f,))
+            _, _, want = fmt.static_layout(tuple(qw.shape), bits, group, has_g_idx=f"{m}.g_idx" in infos)
             for suffix, (dtypes, shape) in want.items():
                 info = infos.get(f"{m}.{suffix}")
                 if info is None:
