@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from adaptkit.adapters import qlora
 from adaptkit.errors import CheckpointError, ConfigError
 from adaptkit.formats.peft import IA3Module, LoraModule, PeftAdapter, read_adapter
+from adaptkit.io.checkpoint import TensorIndex
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -60,7 +61,7 @@ def dtype_code_of(dtype: Any) -> str | None:
     return _DTYPE_CODES[name]
 
 
-class AdaptedCheckpoint:
+class AdaptedCheckpoint(TensorIndex):
     """``base`` (an opened checkpoint) with ``adapters`` (PEFT folders or parsed :class:`PeftAdapter`) merged.
 
     ``weights``: one float per adapter (default 1.0). ``base_quantization``: a
@@ -251,23 +252,8 @@ class AdaptedCheckpoint:
     def metadata(self) -> dict[str, str] | None:
         return getattr(self.base, "metadata", None)
 
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def info(self, name: str) -> Any:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+    def _order(self) -> Any:
+        return self._names
 
     @property
     def total_bytes(self) -> int:

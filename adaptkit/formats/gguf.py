@@ -42,10 +42,11 @@ import warnings
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from adaptkit.errors import CheckpointError, OutputError
 from adaptkit.io.dtypes import ITEMSIZE
+from adaptkit.io.checkpoint import TensorIndex
 from adaptkit.io.safetensors import TensorInfo
 
 __all__ = ["GGUFCheckpoint", "GGUFTensorInfo", "detect", "open_gguf", "SUPPORTED_ARCHITECTURES"]
@@ -312,7 +313,7 @@ def _undo_permute(t: Any, n_head: int) -> Any:
     return t.reshape(n_head, rows // n_head // 2, 2, *rest).transpose(1, 2).reshape(rows, *rest).contiguous()
 
 
-class GGUFCheckpoint:
+class GGUFCheckpoint(TensorIndex):
     """A GGUF file seen as a Hugging Face Llama checkpoint; see the module docstring."""
 
     loader: str = "adaptkit:gguf"
@@ -630,23 +631,8 @@ class GGUFCheckpoint:
         v = self.gguf_metadata.get("tokenizer.chat_template")
         return v if isinstance(v, str) and v else None
 
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._infos)
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, name: str) -> GGUFTensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self._where}: no tensor named {name!r}") from None
+    def _label(self) -> Any:
+        return self._where
 
     def stored_dtypes(self) -> dict[str, int]:
         """How many tensors of each GGML type the file stores (``{"F32": 61, "Q4_1": 210, ...}``)."""

@@ -17,9 +17,10 @@ import importlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from adaptkit.errors import CheckpointError
+from adaptkit.io.checkpoint import TensorIndex
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -120,7 +121,7 @@ def detect(path: Any) -> bool:
 
 
 # -- the checkpoint ----------------------------------------------------------------------------------------------
-class QuantizedCheckpoint:
+class QuantizedCheckpoint(TensorIndex):
     """A quantized checkpoint seen as a floating-point one (see module doc)."""
 
     def __init__(self, path: str | Path, *, dtype: str | None = None) -> None:
@@ -187,23 +188,8 @@ class QuantizedCheckpoint:
     def dequantized_modules(self) -> list[str]:
         return [n[: -len(".weight")] if n.endswith(".weight") else n for n in self.dequantized_names]
 
-    def names(self) -> list[str]:
-        return list(self._names)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._names)
-
-    def __len__(self) -> int:
-        return len(self._names)
-
-    def info(self, name: str) -> Any:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
+    def _order(self) -> Any:
+        return self._names
 
     def quantized(self, name: str) -> Any:
         """The stored quantized form of ``name`` when the format exposes one (``quantized_linear``)."""

@@ -70,7 +70,39 @@ def resolve_inside(folder: Path, rel: Any, where: str, what: str = "shard path")
     return path
 
 
-class Checkpoint:
+class TensorIndex:
+    """The read-only mapping protocol every checkpoint shares: tensor names in order, ``in``, iteration, length
+    and ``info(name)`` over ``self._infos`` (name -> tensor info). ``_order()`` gives the names in order (the
+    ``_infos`` keys unless a view reorders or filters), ``_label()`` names the checkpoint in errors."""
+
+    _infos: dict[str, Any]
+
+    def _order(self) -> Any:
+        return self._infos
+
+    def _label(self) -> Any:
+        return getattr(self, "path", "checkpoint")
+
+    def names(self) -> list[str]:
+        return list(self._order())
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._order())
+
+    def __len__(self) -> int:
+        return len(self._order())
+
+    def info(self, name: str) -> Any:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise CheckpointError(f"{self._label()}: no tensor named {name!r}") from None
+
+
+class Checkpoint(TensorIndex):
     """A set of named tensors spread over one or more files; tensors are read lazily.
 
     ``names()`` lists tensors in file order (files in order, tensors by data offset); ``info(name)`` gives
@@ -119,24 +151,6 @@ class Checkpoint:
     def metadata(self) -> dict[str, str] | None:
         """``__metadata__`` of the first file (shards of one checkpoint normally share it)."""
         return self._files[0].metadata if self._files else None
-
-    def names(self) -> list[str]:
-        return list(self._infos)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._infos
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._infos)
-
-    def __len__(self) -> int:
-        return len(self._infos)
-
-    def info(self, name: str) -> TensorInfo:
-        try:
-            return self._infos[name]
-        except KeyError:
-            raise CheckpointError(f"{self.path}: no tensor named {name!r}") from None
 
     def get(self, name: str, *, copy: bool = False) -> Any:
         f = self._where.get(name)
