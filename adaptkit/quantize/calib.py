@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from adaptkit.errors import ConfigError
+from adaptkit.io.textdata import jsonl_texts
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -131,18 +132,7 @@ def read_jsonl(path: str | Path) -> list[str]:
         raise ConfigError(f"--calib {p}: calibration file is not UTF-8 text ({e.reason} at byte {e.start})") from None
     except OSError as e:
         raise ConfigError(f"--calib {p}: cannot read calibration file ({e.strerror})") from None
-    texts: list[str] = []
-    for lineno, line in enumerate(raw.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise ConfigError(f"--calib {p}:{lineno}: not valid JSON ({e.msg}); expected one {{\"text\": ...}} per line") from None
-        if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-            raise ConfigError(f"--calib {p}:{lineno}: each line must be a JSON object with a string \"text\" field")
-        if obj["text"].strip():
-            texts.append(obj["text"])
+    texts = [t for t in jsonl_texts(raw, f"--calib {p}") if t.strip()]
     if not texts:
         raise ConfigError(f"--calib {p}: calibration file has no non-empty \"text\" entries")
     return texts

@@ -122,7 +122,7 @@ def resolve(evaluator: str, name: str | TaskSpec, *, kinds: tuple[str, ...] = ()
 def text_documents(spec: TaskSpec, limit: int | None = None) -> list[str]:
     """The texts of a text task: a shipped builder, or a user's file (``.jsonl`` with a ``text`` field per
     line, otherwise plain UTF-8 text with documents separated by blank lines)."""
-    import json
+    from adaptkit.io.textdata import jsonl_texts
 
     builder = spec.options.get("builder")
     if builder == "file" or builder is None:
@@ -134,17 +134,7 @@ def text_documents(spec: TaskSpec, limit: int | None = None) -> list[str]:
         except UnicodeDecodeError as e:
             raise ConfigError(f"{p}: task data is not UTF-8 text ({e.reason} at byte {e.start})") from None
         if p.suffix == ".jsonl":
-            texts = []
-            for lineno, line in enumerate(raw.splitlines(), 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except ValueError as e:
-                    raise ConfigError(f"{p}:{lineno}: not valid JSON ({e.msg}); expected {{\"text\": ...}} per line") from None
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ConfigError(f"{p}:{lineno}: each line must be a JSON object with a string \"text\" field")
-                texts.append(obj["text"])
+            texts = jsonl_texts(raw, str(p))
         else:
             texts = [t.strip() for t in raw.split("\n\n") if t.strip()]
         if not texts:
