@@ -47,7 +47,7 @@ from typing import Any
 from adaptkit.errors import CheckpointError, OutputError
 from adaptkit.io.dtypes import ITEMSIZE
 from adaptkit.io.checkpoint import TensorIndex
-from adaptkit.io.safetensors import TensorInfo
+from adaptkit.io.safetensors import TensorInfo, open_regular_file
 
 __all__ = ["GGUFCheckpoint", "GGUFTensorInfo", "detect", "open_gguf", "SUPPORTED_ARCHITECTURES"]
 
@@ -323,17 +323,8 @@ class GGUFCheckpoint(TensorIndex):
         self.gguf_file = gguf_file
         self._where = str(gguf_file)
         self._lock = threading.Lock()
+        fd, size = open_regular_file(gguf_file, self._where)
         try:
-            fd = os.open(gguf_file, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise CheckpointError(f"{self._where}: cannot open ({e.strerror})") from None
-        try:
-            import stat
-
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise CheckpointError(f"{self._where}: not a regular file")
-            size = st.st_size
             if size < 24:
                 head = os.pread(fd, 4, 0)
                 if head != GGUF_MAGIC:

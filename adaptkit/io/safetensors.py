@@ -173,6 +173,25 @@ def _pread_exact(fd: int, n: int, offset: int) -> bytes:
     return b"".join(chunks)
 
 
+
+def open_regular_file(path: str | os.PathLike[str], where: str) -> tuple[int, int]:
+    """``(fd, size)`` of a regular file opened read-only (the caller closes ``fd``); a missing, unreadable or
+    non-regular path is a one-line :class:`CheckpointError` prefixed with ``where``."""
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise CheckpointError(f"{where}: cannot open ({e.strerror})") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{where}: not a regular file")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st.st_size
+
 class SafetensorsFile:
     """One ``.safetensors`` file: header validated on open, tensors mapped lazily.
 
@@ -185,17 +204,8 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
         where = str(self.path)
+        fd, size = open_regular_file(self.path, where)
         try:
-            fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except OSError as e:
-            raise CheckpointError(f"{where}: cannot open ({e.strerror})") from None
-        try:
-            st = os.fstat(fd)
-            import stat as _stat
-
-            if not _stat.S_ISREG(st.st_mode):
-                raise CheckpointError(f"{where}: not a regular file")
-            size = st.st_size
             if size < 8:
                 raise CheckpointError(
                     f"{where}: file is truncated ({size} bytes, shorter than the 8-byte header length)"
