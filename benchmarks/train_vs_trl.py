@@ -4,10 +4,18 @@ Same model, data, LoRA adapter and settings on both sides (packing on: TRL's bes
 each in a fresh process; the timed window is ``trainer.train()`` on both sides, and tokens are counted the
 same way (the real tokens of every training batch). Goal: ratio >= 1.0 (adaptkit's layer costs nothing).
 
+Three sides, run in rotating order (each repeat starts with a different one, so the first, colder run of a
+round does not always fall on the same side):
+* ``adaptkit``: ``adaptkit train`` as shipped (``compact_lm_head`` on: the LM head only at label-carrying
+  positions, where TRL's CPU path scores every position);
+* ``adaptkit-layer``: the same with ``compact_lm_head: false`` -- TRL's own kernels under adaptkit's layer,
+  which shows what the layer itself costs;
+* ``trl``: the hand-written TRL script.
+
     python benchmarks/train_vs_trl.py                      # SmolLM2-135M-Instruct if installed, else a tiny Llama
     python benchmarks/train_vs_trl.py --base PATH --steps 20 --repeats 3
 
-Out of scope here: fused kernels (Liger), GPU MFU -- this compares the two Python stacks on the same kernels.
+Not measured here: Liger's Triton kernels and GPU MFU (``benchmarks/gpu_check.sh`` on a lent GPU).
 """
 from __future__ import annotations
 
@@ -94,7 +102,7 @@ def _default_base(tmp: Path) -> Path:
         return make_tiny_llama(tmp / "tiny", hidden_size=256, num_layers=4, intermediate_size=512)
 
 
-def run_adaptkit(a: dict, tmp: Path, env: dict) -> dict:
+def run_adaptkit(a: dict, tmp: Path, env: dict, compact: bool = True) -> dict:
     import yaml
 
     recipe = tmp / "bench.yml"
@@ -102,7 +110,8 @@ def run_adaptkit(a: dict, tmp: Path, env: dict) -> dict:
         "base": str(a["base"]), "method": "sft", "data": {"train": a["data"], "format": "prompt_completion"},
         "adapter": {"kind": "lora", "r": a["r"], "alpha": 2 * a["r"], "target_modules": "all-linear"},
         "training": {"max_steps": a["steps"], "batch_size": a["batch"], "learning_rate": a["lr"],
-                     "lr_scheduler": "constant", "max_seq_len": a["seq"], "packing": a["packing"]},
+                     "lr_scheduler": "constant", "max_seq_len": a["seq"], "packing": a["packing"],
+                     "compact_lm_head": compact},
         "seed": a["seed"], "device": "cpu"}))
     out = tmp / "adaptkit-out"
     r = subprocess.run([sys.executable, "-m", "adaptkit", "train", str(recipe), "--output", str(out), "--force",
@@ -145,29 +154,36 @@ def main() -> None:
         data.write_text("".join(json.dumps(r) + "\n" for r in _rows(args.rows)))
         a = {"base": base, "data": str(data), "steps": args.steps, "batch": args.batch, "seq": args.seq,
              "r": args.r, "lr": args.lr, "packing": args.packing, "seed": 0}
-        ours, theirs = [], []
-        for _ in range(args.repeats):
-            ours.append(run_adaptkit(a, tmp, env))
-            theirs.append(run_trl(a, tmp, env))
-    tps = lambda runs: statistics.median(r["tokens"] / r["seconds"] for r in runs)  # noqa: E731
+        sides = {"adaptkit": lambda: run_adaptkit(a, tmp, env, compact=True),
+                 "adaptkit-layer": lambda: run_adaptkit(a, tmp, env, compact=False),
+                 "trl": lambda: run_trl(a, tmp, env)}
+        names = list(sides)
+        runs: dict[str, list[dict]] = {n: [] for n in names}
+        for rep in range(args.repeats):
+            for n in names[rep % 3:] + names[:rep % 3]:  # rotating order
+                runs[n].append(sides[n]())
+    tps = {n: statistics.median(r["tokens"] / r["seconds"] for r in rs) for n, rs in runs.items()}
+    first = {n: rs[0] for n, rs in runs.items()}
+    same = lambda x, y: len(x) == len(y) and all(abs(p - q) <= 1e-3 * max(1.0, abs(q)) for p, q in zip(x, y))  # noqa: E731
     doc = {"base": str(base), "steps": args.steps, "batch": args.batch, "seq": args.seq, "packing": args.packing,
-           "tokens": [ours[0]["tokens"], theirs[0]["tokens"]],
-           "adaptkit_tokens_per_s": round(tps(ours), 1), "trl_tokens_per_s": round(tps(theirs), 1),
-           "ratio": round(tps(ours) / tps(theirs), 3),
-           "runs_tokens_per_s": {"adaptkit": [round(r["tokens"] / r["seconds"], 1) for r in ours],
-                                 "trl": [round(r["tokens"] / r["seconds"], 1) for r in theirs]},
-           "same_losses": all(abs(x - y) <= 1e-3 * max(1.0, abs(y)) for x, y in zip(ours[0]["losses"], theirs[0]["losses"]))}
+           "repeats": args.repeats, "load_average": round(os.getloadavg()[0], 2),
+           "tokens": {n: r["tokens"] for n, r in first.items()},
+           "tokens_per_s": {n: round(v, 1) for n, v in tps.items()},
+           "ratio": round(tps["adaptkit"] / tps["trl"], 3),
+           "layer_ratio": round(tps["adaptkit-layer"] / tps["trl"], 3),
+           "runs_tokens_per_s": {n: [round(r["tokens"] / r["seconds"], 1) for r in rs] for n, rs in runs.items()},
+           "same_losses": same(first["adaptkit"]["losses"], first["trl"]["losses"])
+           and same(first["adaptkit-layer"]["losses"], first["trl"]["losses"])}
     if args.json:
         print(json.dumps(doc, indent=2))
-    else:
-        print(f"base {doc['base']}: {args.steps} steps x batch {args.batch}, max_length {args.seq}, packing {args.packing}")
-        print(f"tokens per run: adaptkit {doc['tokens'][0]}, TRL {doc['tokens'][1]}; same loss curve: {doc['same_losses']}")
-        print(f"adaptkit train: {doc['adaptkit_tokens_per_s']} tokens/s   TRL SFTTrainer + PEFT: "
-              f"{doc['trl_tokens_per_s']} tokens/s   ratio {doc['ratio']}")
-        if args.repeats > 1:
-            print(f"per run (alternating): adaptkit {doc['runs_tokens_per_s']['adaptkit']}, "
-                  f"TRL {doc['runs_tokens_per_s']['trl']}")
-
+        return
+    print(f"base {doc['base']}: {args.steps} steps x batch {args.batch}, max_length {args.seq}, packing {args.packing}, "
+          f"{args.repeats} repeat(s), load average {doc['load_average']}")
+    print(f"tokens per run: {doc['tokens']}; same loss curve on all sides: {doc['same_losses']}")
+    print(f"{'side':<16} {'tokens/s (median)':>18}   per run")
+    for n in names:
+        print(f"{n:<16} {doc['tokens_per_s'][n]:>18}   {doc['runs_tokens_per_s'][n]}")
+    print(f"ratio adaptkit / TRL: {doc['ratio']}   (layer alone, TRL's kernels: {doc['layer_ratio']})")
 
 if __name__ == "__main__":
     main()

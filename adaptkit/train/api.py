@@ -97,6 +97,9 @@ class TrainSettings:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     eval_batch_size: int | None = None  #: None: ``batch_size``
+    #: score the LM head only at label-carrying positions (same loss and gradients; off: every position,
+    #: as TRL does on CPU)
+    compact_lm_head: bool = True
 
 
 ReportFn = Callable[[int, int, dict[str, float]], None]

@@ -94,6 +94,7 @@ class TrainingSection(_Strict):
     weight_decay: float = Field(default=0.0, ge=0.0)
     max_grad_norm: float = Field(default=1.0, gt=0.0)
     eval_batch_size: Optional[int] = Field(default=None, ge=1)
+    compact_lm_head: bool = True
 
 
 class RewardItem(_Strict):
@@ -282,7 +283,8 @@ def recipe_to_request(recipe: Recipe, *, root: str | Path = ".", source: str = "
         max_seq_len=t.max_seq_len, packing=t.packing, bf16=t.bf16, gradient_checkpointing=t.gradient_checkpointing,
         eval_every=t.eval_every, save_every=t.save_every, save_best=t.save_best, early_stopping_patience=t.early_stopping_patience,
         seed=recipe.seed, report_to=report, nproc=t.nproc, logging_steps=t.logging_steps,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, eval_batch_size=t.eval_batch_size)
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, eval_batch_size=t.eval_batch_size,
+        compact_lm_head=t.compact_lm_head)
     names: list[str] = []
     weights: list[float] = []
     reward_options: dict[str, dict[str, Any]] = {}

@@ -8,7 +8,11 @@ Traps handled here (measured with TRL 1.16 / transformers 5.24 on CPU):
 * a loss that trains on nothing (assistant-only loss without usable assistant masks, completions truncated
   away): the label-carrying tokens of the first batches are counted before training; none is an error;
 * pad == eos: a warning (collators that mask padding by token id also mask EOS out of the loss);
-* library versions outside the supported ranges: an error naming the package (``versions.py``).
+* library versions outside the supported ranges: an error naming the package (``versions.py``);
+* TRL's fused LM head projects only the label-carrying positions on Triton devices but every position on
+  CPU (its fallback keeps tile shapes fixed for compilers); with completion-only loss most positions carry no
+  label, so ``compact_lm_head`` (default on) takes the compact path on CPU too: the same loss and gradients
+  for a fraction of the LM-head work.
 
 Checkpoints (for ``--resume`` and the best-checkpoint selection) go to ``request.checkpoint_dir``, never into
 the output; the output gets the adapter or model (safetensors), tokenizer, chat template, ``train_log.jsonl``
@@ -16,6 +20,7 @@ and, with ``report_to: tensorboard``, event files under ``runs/``.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -23,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from adaptkit.errors import AdaptkitError, ConfigError
 from adaptkit.train.api import TrainRequest, TrainResult
@@ -290,6 +295,39 @@ def attach(trainer: Any, cbs: list[Any]) -> None:
             cb.trainer = trainer
 
 
+# -- the LM head ----------------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def compact_lm_head(enabled: bool) -> Iterator[bool]:
+    """While active, TRL's fused LM head scores only label-carrying positions on CPU as well (yields whether
+    it does). TRL decides per call through ``trl.trainer.utils._use_triton(device)``: True selects the compact
+    rows (``hidden[mask]``), False every row with the ignored ones zeroed afterwards -- the same per-token
+    log-probabilities, loss and gradients either way (masked positions contribute exact zeros). The kernel
+    itself keeps asking its own ``_use_triton``, so on CPU it still runs the torch tiles. A TRL without that
+    gate trains as it always does (yields False)."""
+    if not enabled:
+        yield False
+        return
+    try:
+        import trl.trainer.utils as tu
+    except ImportError:
+        yield False
+        return
+    gate = getattr(tu, "_use_triton", None)
+    if not callable(gate):
+        yield False
+        return
+
+    def compact_gate(device: Any) -> bool:
+        return getattr(device, "type", None) == "cpu" or bool(gate(device))
+
+    tu._use_triton = compact_gate
+    try:
+        yield True
+    finally:
+        tu._use_triton = gate
+
+
 # -- guards ---------------------------------------------------------------------------------------------------
 
 def label_tokens(batch: Any) -> int | None:
@@ -366,20 +404,22 @@ def train_and_save(ctx: Context, trainer: Any, *, tokenizer: Any, extra_metrics:
 
     r = ctx.request
     out = Path(r.output)
-    t0 = time.perf_counter()
-    try:
-        train_output = trainer.train(resume_from_checkpoint=str(r.resume_from) if r.resume_from else None)
-    except (ValueError, RuntimeError) as exc:
-        raise AdaptkitError(f"{r.method} training failed: {type(exc).__name__}: "
-                            f"{' '.join(str(exc).split())[:400]}") from exc
-    seconds = time.perf_counter() - t0
-    metrics = _final_metrics(trainer, train_output)
-    history = list(trainer.state.log_history)  # what happened while training (the final evaluation is not)
-    if trainer.eval_dataset is not None:
-        ev = trainer.evaluate()
-        for k, v in ev.items():
-            if isinstance(v, (int, float)) and k.startswith("eval_") and not k.endswith(("runtime", "per_second")):
-                metrics[k] = float(v)
+    with compact_lm_head(r.settings.compact_lm_head) as compact:
+        t0 = time.perf_counter()
+        try:
+            train_output = trainer.train(resume_from_checkpoint=str(r.resume_from) if r.resume_from else None)
+        except (ValueError, RuntimeError) as exc:
+            raise AdaptkitError(f"{r.method} training failed: {type(exc).__name__}: "
+                                f"{' '.join(str(exc).split())[:400]}") from exc
+        seconds = time.perf_counter() - t0
+        metrics = _final_metrics(trainer, train_output)
+        metrics["compact_lm_head"] = 1.0 if compact else 0.0
+        history = list(trainer.state.log_history)  # what happened while training (the final evaluation is not)
+        if trainer.eval_dataset is not None:
+            ev = trainer.evaluate()
+            for k, v in ev.items():
+                if isinstance(v, (int, float)) and k.startswith("eval_") and not k.endswith(("runtime", "per_second")):
+                    metrics[k] = float(v)
     if extra_metrics is not None:
         metrics.update(extra_metrics(trainer))
     tokens = int(getattr(trainer, "adaptkit_tokens", 0))
