@@ -78,3 +78,26 @@ class QualityGateError(AdaptkitError):
 class Terminated(KeyboardInterrupt):
     """Raised in the main thread when the process receives SIGTERM (the CLI installs the handler), so a
     ``kill`` or ``timeout`` unwinds exactly like Ctrl-C: temporary output folders are removed."""
+
+
+#: the signal (SIGINT/SIGTERM) the CLI's handler received, if any. The handler raises at whatever bytecode
+#: runs when the signal arrives; if that is a place where Python ignores exceptions (a weakref or GC
+#: callback, e.g. inside an import lock's cleanup) the interrupt would be lost and the run would finish
+#: normally. ``raise_if_signalled`` raises it again: progress updates and the publisher call it.
+_pending_signal: int | None = None
+
+
+def note_signal(signum: int) -> None:
+    global _pending_signal
+    _pending_signal = signum
+
+
+def raise_if_signalled() -> None:
+    """Raise the interrupt of a signal already received (``Terminated`` for SIGTERM, else KeyboardInterrupt)."""
+    if _pending_signal is None:
+        return
+    import signal
+
+    if _pending_signal == signal.SIGTERM:
+        raise Terminated()
+    raise KeyboardInterrupt()

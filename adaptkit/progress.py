@@ -11,6 +11,8 @@ import sys
 import time
 from typing import IO, Any
 
+from adaptkit.errors import raise_if_signalled
+
 
 def _fmt_seconds(s: float) -> str:
     s = int(round(s))
@@ -47,6 +49,7 @@ class Progress:
         self.update(self.done + n, status=status)
 
     def update(self, done: int, *, status: str | None = None, total: int | None = None) -> None:
+        raise_if_signalled()
         if total is not None:
             self.total = max(0, int(total))
         self.done = min(int(done), self.total) if self.total else int(done)
@@ -55,6 +58,7 @@ class Progress:
         self._draw(final=False)
 
     def set_status(self, status: str) -> None:
+        raise_if_signalled()
         self.status = status
         self._draw(final=False)
 

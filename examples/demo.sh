@@ -73,11 +73,11 @@ PYEOF
 step "5. the quantized model, loaded the way a deployment loads it: transformers with its GPTQ backend"
 GPTQ_DIR=$($PY -c "import json,sys; print({s['name']: s for s in json.load(open(sys.argv[1]))['steps']}['gptq']['output'])" "$PLAN")
 DEPLOY=.venv-interop/bin/python
-if [ ! -f .venv-interop/.setup ]; then
+if [ ! -f .venv-interop/.gptqmodel ] && [ ! -f .venv-interop/.setup ]; then
   # GPTQModel (the GPTQ backend transformers uses) pins an older numpy than adaptkit's venv has, so it lives in
-  # its own venv: the Makefile's interop tier (torch, transformers, GPTQModel, optimum; a few minutes, once)
-  echo "setting up the deployment venv .venv-interop (transformers + GPTQModel + optimum; once, a few minutes)"
-  make -s .venv-interop/.setup
+  # its own venv: the first part of the Makefile's interop tier (torch, transformers, GPTQModel; once)
+  echo "setting up the deployment venv .venv-interop (transformers + GPTQModel; once, a few minutes)"
+  make -s .venv-interop/.gptqmodel
 fi
 $DEPLOY - "$GPTQ_DIR" <<'PYEOF'
 import sys

@@ -32,19 +32,31 @@ def get_host(ctx: click.Context | None = None) -> Any:
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
-    from adaptkit.errors import Terminated
+    from adaptkit.errors import Terminated, note_signal
 
+    note_signal(signum)
     raise Terminated()
 
 
+def _on_sigint(signum: int, frame: Any) -> None:
+    from adaptkit.errors import note_signal
+
+    note_signal(signum)
+    raise KeyboardInterrupt()
+
+
 def _install_signal_handlers() -> None:
-    """SIGTERM (``kill``, ``timeout``) unwinds like Ctrl-C, so temporary outputs are removed."""
+    """SIGTERM (``kill``, ``timeout``) unwinds like Ctrl-C, so temporary outputs are removed. Both handlers
+    also record the signal, so an interrupt raised where Python ignores exceptions is raised again at the
+    next progress update or before publishing (``adaptkit.errors.raise_if_signalled``)."""
     import signal
     import threading
 
     if threading.current_thread() is threading.main_thread():
         try:
             signal.signal(signal.SIGTERM, _on_sigterm)
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not when SIGINT is ignored
+                signal.signal(signal.SIGINT, _on_sigint)
         except (ValueError, OSError):  # pragma: no cover - embedded interpreters
             pass
 

@@ -191,8 +191,12 @@ def _fsync_parent(t: Path) -> None:
 
 def publish(tmp: Path, target: Path, *, force: bool, shown: str | None = None) -> None:
     """fsync ``tmp`` and rename it to ``target`` (replacing an existing one only with ``force``)."""
+    from adaptkit.errors import raise_if_signalled
+
     shown = shown or str(target)
+    raise_if_signalled()  # an interrupt that was swallowed somewhere must not publish
     fsync_tree(tmp)
+    raise_if_signalled()
     replace = os.path.lexists(target) and not (_is_real_dir(target) and _dir_is_empty(target))
     if replace and not force:
         raise OutputError(f"{shown} exists and is not empty; pass --force to replace it")

@@ -25,21 +25,25 @@ PARENTS = ("analogy", "wordforms")
 
 
 def variants() -> dict[str, dict]:
-    def ties(density: float, normalize: bool = False, dtype: str = "bfloat16") -> dict:
+    def ties(density: float, weight: float = 1.0, dtype: str = "bfloat16") -> dict:
         return {"merge_method": "ties", "base_model": "base", "dtype": dtype,
-                "models": [{"model": m, "parameters": {"weight": 1.0, "density": density}} for m in PARENTS],
-                "parameters": {"normalize": normalize}}
+                "models": [{"model": m, "parameters": {"weight": weight, "density": density}} for m in PARENTS],
+                "parameters": {"normalize": False}}
+
+    def task_arithmetic(weight: float = 1.0, dtype: str = "bfloat16") -> dict:
+        return {"merge_method": "task_arithmetic", "base_model": "base", "dtype": dtype,
+                "models": [{"model": m, "parameters": {"weight": weight}} for m in PARENTS]}
 
     return {
-        "ties-d0.8": ties(0.8),
-        "ties-d1.0": ties(1.0),
-        "task-arithmetic": {"merge_method": "task_arithmetic", "base_model": "base", "dtype": "bfloat16",
-                            "models": [{"model": m, "parameters": {"weight": 1.0}} for m in PARENTS]},
-        # the same merges written in float32: the LoRA deltas are small next to the weights, and rounding the
+        # the same merge written in float32: the LoRA deltas are small next to the weights, and rounding the
         # merged weights to bfloat16 (8-bit mantissa) erases part of them
         "ties-d0.5-float32": ties(0.5, dtype="float32"),
-        "task-arithmetic-float32": {"merge_method": "task_arithmetic", "base_model": "base", "dtype": "float32",
-                                    "models": [{"model": m, "parameters": {"weight": 1.0}} for m in PARENTS]},
+        "ties-d1.0": ties(1.0),
+        "task-arithmetic": task_arithmetic(),
+        # each task vector scaled up: what interference and trimming take away, partly given back
+        "ties-d0.5-w1.25": ties(0.5, 1.25),
+        "ties-d0.5-w1.5": ties(0.5, 1.5),
+        "task-arithmetic-w1.25": task_arithmetic(1.25),
     }
 
 

@@ -11,6 +11,11 @@ for the recipe, and one probe file per task (``adaptkit eval --tasks probes:FILE
 reply must *start* with the answer word (case-insensitive), the same rule as ``analogy.py``'s first-word score.
 The splits are deterministic (seeded); ``tests/pipeline/test_examples.py`` checks the shipped files are
 exactly this build. gensim itself is never imported.
+
+Each task's training file for the pipeline (``analogy-replay.jsonl``, ``wordforms-replay.jsonl``) is its rows
+plus replay rows -- general questions answered by the base model itself (``data/replay.jsonl``, written by
+``replay.py``) -- one for every three task rows, interleaved by a seeded shuffle: without them the two narrow
+fine-tunes teach the model to answer every question with one word (see ``replay.py``).
 """
 from __future__ import annotations
 
@@ -83,13 +88,35 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
     return path
 
 
+REPLAY_SHARE = 1 / 3  #: replay rows per task row in the pipeline's training files
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
+
+
+def with_replay(rows: list[dict[str, Any]], replay: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
+    """``rows`` plus ``round(len(rows) * REPLAY_SHARE)`` replay rows (cycling through a seeded shuffle of
+    ``replay``), shuffled together with the same seed."""
+    rng = random.Random(seed)
+    pool = list(replay)
+    rng.shuffle(pool)
+    n = round(len(rows) * REPLAY_SHARE) if pool else 0
+    mixed = list(rows) + [pool[i % len(pool)] for i in range(n)]
+    rng.shuffle(mixed)
+    return mixed
+
+
 def build(out_dir: str | Path = HERE / "data") -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, test = build_wordforms()
-    analogy_test = [json.loads(x) for x in (HERE.parent / "train" / "data" / "analogy-test.jsonl")
-                    .read_text(encoding="utf-8").splitlines()][:N_ANALOGY_PROBES]
+    analogy_train = read_jsonl(HERE.parent / "train" / "data" / "analogy-train.jsonl")
+    analogy_test = read_jsonl(HERE.parent / "train" / "data" / "analogy-test.jsonl")[:N_ANALOGY_PROBES]
+    replay = read_jsonl(HERE / "data" / "replay.jsonl")
     return {
+        "analogy-replay": write_jsonl(out / "analogy-replay.jsonl", with_replay(analogy_train, replay, seed=1)),
+        "wordforms-replay": write_jsonl(out / "wordforms-replay.jsonl", with_replay(train, replay, seed=2)),
         "wordforms-train": write_jsonl(out / "wordforms-train.jsonl", train),
         "wordforms-test": write_jsonl(out / "wordforms-test.jsonl", test),
         "wordforms-probes": write_jsonl(out / "wordforms.jsonl", [probe("wordforms", i, r) for i, r in enumerate(test)]),

@@ -211,3 +211,39 @@ def test_probes_generate_greedily(tiny_llama, adaptkit_pm, tmp_path):
                 break
             out.append(nxt)
     assert rows[0]["output"] == tok.decode(out, skip_special_tokens=True)
+
+
+def test_probes_batched_by_length_equal_greedy_decoding_one_by_one(tiny_llama):
+    """Probes are generated in batches of equal prompt length; each reply must be the reference greedy decoding
+    of its own prompt (argmax token by token, no cache, float64), cut at its first EOS."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adaptkit_eval.probes import generate_all, prompt_ids
+
+    m = tiny_llama()
+    tok = AutoTokenizer.from_pretrained(str(m))
+    model = AutoModelForCausalLM.from_pretrained(str(m), dtype=torch.float64).eval()
+    texts = ["Tell me a story.", "Tell me a joke.", "Name a colour.", "Name a fruit.", "Why is the sky blue?",
+             "Count to three.", "Say hi."]
+    prompts = [prompt_ids(tok, {"id": str(i), "prompt": t}) for i, t in enumerate(texts)]
+    assert len({len(p) for p in prompts}) < len(prompts)  # some share a length (batched together)
+
+    def reference(ids, n, eos):
+        out = []
+        with torch.inference_mode():
+            for _ in range(n):
+                nxt = int(model(input_ids=torch.tensor([ids + out])).logits[0, -1].argmax())
+                out.append(nxt)
+                if nxt == eos:
+                    break
+        return tok.decode(out, skip_special_tokens=True), out
+
+    _, first = reference(prompts[0], 5, None)
+    tok.eos_token = tok.convert_ids_to_tokens(first[2])  # an EOS that the first probe reaches at its 3rd token
+    eos = tok.eos_token_id
+    lengths = [5, 5, 5, 5, 7, 5, 5]
+    calls = []
+    got = generate_all(model, tok, prompts, lengths, on_done=calls.append)
+    want = [reference(p, n, eos)[0] for p, n in zip(prompts, lengths)]
+    assert got == want
+    assert sum(calls) == len(prompts) and len(calls) < len(prompts)

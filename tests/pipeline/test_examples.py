@@ -38,6 +38,39 @@ def test_shipped_task_files_are_the_deterministic_build(tasks, tmp_path):
     assert not {p["messages"][0]["content"] for p in probes} & q(analogy_train)
 
 
+def test_training_files_mix_one_replay_row_per_three_task_rows(tasks, tmp_path):
+    built = tasks.build(tmp_path)
+    read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
+    replay = read(EXAMPLES / "data" / "replay.jsonl")
+    key = lambda r: json.dumps(r, sort_keys=True)  # noqa: E731
+    replay_keys = {key(r) for r in replay}
+    for mixed, task in ((built["analogy-replay"], ROOT / "examples/train/data/analogy-train.jsonl"),
+                        (built["wordforms-replay"], tmp_path / "wordforms-train.jsonl")):
+        rows, task_rows = read(mixed), read(task)
+        n_replay = sum(key(r) in replay_keys for r in rows)
+        assert n_replay == round(len(task_rows) / 3) and len(rows) == len(task_rows) + n_replay
+        assert sorted(key(r) for r in rows if key(r) not in replay_keys) == sorted(key(r) for r in task_rows)
+        assert [key(r) for r in rows[:20]] != [key(r) for r in task_rows[:20]]  # interleaved, not appended
+
+
+def test_replay_questions_are_none_of_the_probes():
+    """Replay rows keep the base's behaviour outside the tasks; none may be a question the release is scored on."""
+    replay = [json.loads(x) for x in (EXAMPLES / "data" / "replay.jsonl").read_text().splitlines()]
+    assert len(replay) >= 80
+    asked = {r["messages"][0]["content"].strip().lower() for r in replay}
+    assert all(r["messages"][-1]["role"] == "assistant" and r["messages"][-1]["content"] for r in replay)
+    probe_files = [ROOT / "plugins/adaptkit-eval/adaptkit_eval/probes/basic.jsonl",
+                   EXAMPLES / "data" / "analogy.jsonl", EXAMPLES / "data" / "wordforms.jsonl"]
+    for f in probe_files:
+        for line in f.read_text().splitlines():
+            p = json.loads(line)
+            prompt = p.get("prompt") or p["messages"][-1]["content"]
+            assert prompt.strip().lower() not in asked, (f.name, prompt)
+    # no question is about a basic probe's subject (a FLORES sentence quoted after the question may mention one)
+    words = ("france", "japan", "italy", "2 + 2", "week", "apple")
+    assert not [q for q in asked for w in words if w in q.split("? ")[0]]
+
+
 def test_probe_rule_is_the_first_word_rule(tasks):
     import re
 

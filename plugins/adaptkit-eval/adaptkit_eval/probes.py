@@ -13,6 +13,10 @@ or ``json_schema`` (the generation -- or, when it contains a Markdown code fence
 parses as JSON and validates against the schema, draft 2020-12); optional ``max_new_tokens`` (default 64) and ``chat`` (default:
 use the tokenizer's chat template when it has one). Generation is greedy (``do_sample=False``) and stops at
 EOS. The metric is ``pass_rate`` per file; every probe's output and verdict are in ``details["probes"]``.
+
+Probes whose prompts have the same number of tokens and the same ``max_new_tokens`` are generated together,
+up to ``BATCH`` at a time: no padding is needed, so each row is the computation of its own greedy decoding
+(a row's reply ends at its first EOS, as when generated alone) for a fraction of the calls.
 """
 from __future__ import annotations
 
@@ -158,17 +162,49 @@ def prompt_ids(tokenizer: Any, probe: dict[str, Any]) -> list[int]:
     return list(tokenizer(text)["input_ids"])
 
 
+BATCH = 16  #: probes of one prompt length generated together
+
+
 def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> str:
+    return generate_same_length(model, tokenizer, [ids], max_new_tokens)[0]
+
+
+def generate_same_length(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """Greedy replies to prompts of one token length (no padding), each cut at its first EOS."""
     import torch
 
+    if len({len(p) for p in prompts}) != 1:
+        raise ValueError("generate_same_length: prompts must have the same number of tokens")
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    x = torch.tensor([ids], dtype=torch.long, device=model.device)
+    x = torch.tensor(prompts, dtype=torch.long, device=model.device)
     with torch.inference_mode():
         out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens,
                              do_sample=False, temperature=None, top_p=None, top_k=None, pad_token_id=pad,
                              eos_token_id=eos)
-    return tokenizer.decode(out[0, len(ids):].tolist(), skip_special_tokens=True)
+    eos_ids = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    texts = []
+    for row in out[:, x.shape[1]:].tolist():
+        cut = next((i + 1 for i, t in enumerate(row) if t in eos_ids), len(row))  # rows finished early are padded
+        texts.append(tokenizer.decode(row[:cut], skip_special_tokens=True))
+    return texts
+
+
+def generate_all(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: list[int],
+                 on_done: Any = None) -> list[str]:
+    """Replies to every prompt, generated in batches of equal prompt length and ``max_new_tokens``."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (p, m) in enumerate(zip(prompts, max_new_tokens)):
+        groups.setdefault((len(p), m), []).append(i)
+    texts: list[str] = [""] * len(prompts)
+    for (_, m), idx in groups.items():
+        for k in range(0, len(idx), BATCH):
+            part = idx[k:k + BATCH]
+            for i, text in zip(part, generate_same_length(model, tokenizer, [prompts[i] for i in part], m)):
+                texts[i] = text
+            if on_done is not None:
+                on_done(len(part))
+    return texts
 
 
 def evaluate(request: EvalRequest) -> EvalResult:
@@ -184,12 +220,18 @@ def evaluate(request: EvalRequest) -> EvalResult:
     result.details["loaded_with"] = lm.route
     for spec, probes in files:
         rows = []
-        for probe in probes[: request.limit] if request.limit else probes:
-            text = generate(lm.model, lm.tokenizer, prompt_ids(lm.tokenizer, probe), probe["max_new_tokens"])
+        chosen = probes[: request.limit] if request.limit else probes
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            request.report(done, total)
+
+        texts = generate_all(lm.model, lm.tokenizer, [prompt_ids(lm.tokenizer, p) for p in chosen],
+                             [p["max_new_tokens"] for p in chosen], on_done=advance)
+        for probe, text in zip(chosen, texts):
             ok, reason = check_output(probe, text)
             rows.append({"id": probe["id"], "check": probe["check"], "passed": ok, "reason": reason, "output": text})
-            done += 1
-            request.report(done, total)
         result.metrics.append(Metric("pass_rate", sum(r["passed"] for r in rows) / len(rows), True, task=spec.name,
                                      n=len(rows)))
         result.details.setdefault("probes", {})[spec.name] = rows
