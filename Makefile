@@ -55,15 +55,16 @@ bench: setup
 
 # Interop tier: GPTQModel / AutoAWQ / optimum in their own venv (GPTQModel downgrades numpy; ~5 min install).
 INTEROP := .venv-interop
-# .gptqmodel: what the demo's deployment question needs (transformers + GPTQModel); .setup: all the peers
+# .gptqmodel: what the demo's deployment question needs (transformers loads GPTQ through optimum + GPTQModel);
+# .setup: all the peers (AutoAWQ on top)
 $(INTEROP)/.gptqmodel:
 	test -x $(INTEROP)/bin/python || $(PYTHON) -m venv $(INTEROP)
 	$(INTEROP)/bin/python -m pip --disable-pip-version-check -q install $(TORCH) 'transformers>=5,<6' safetensors accelerate
-	GPTQMODEL_CPU_WORKERS=2 $(INTEROP)/bin/python -m pip --disable-pip-version-check -q install $(TORCH) gptqmodel==7.6.0
+	GPTQMODEL_CPU_WORKERS=2 $(INTEROP)/bin/python -m pip --disable-pip-version-check -q install $(TORCH) gptqmodel==7.6.0 optimum==2.3.0
 	touch $@
 
 $(INTEROP)/.setup: $(INTEROP)/.gptqmodel
-	$(INTEROP)/bin/python -m pip --disable-pip-version-check -q install $(TORCH) autoawq==0.2.9 optimum==2.3.0
+	$(INTEROP)/bin/python -m pip --disable-pip-version-check -q install $(TORCH) autoawq==0.2.9
 	touch $@
 
 test-interop: setup $(INTEROP)/.setup

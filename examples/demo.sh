@@ -75,8 +75,8 @@ GPTQ_DIR=$($PY -c "import json,sys; print({s['name']: s for s in json.load(open(
 DEPLOY=.venv-interop/bin/python
 if [ ! -f .venv-interop/.gptqmodel ] && [ ! -f .venv-interop/.setup ]; then
   # GPTQModel (the GPTQ backend transformers uses) pins an older numpy than adaptkit's venv has, so it lives in
-  # its own venv: the first part of the Makefile's interop tier (torch, transformers, GPTQModel; once)
-  echo "setting up the deployment venv .venv-interop (transformers + GPTQModel; once, a few minutes)"
+  # its own venv: the first part of the Makefile's interop tier (torch, transformers, optimum, GPTQModel; once)
+  echo "setting up the deployment venv .venv-interop (transformers + optimum + GPTQModel; once, a few minutes)"
   make -s .venv-interop/.gptqmodel
 fi
 $DEPLOY - "$GPTQ_DIR" <<'PYEOF'
