@@ -16,15 +16,14 @@ from safetensors.torch import load_file, save_file
 from adaptkit.cli import main
 from adaptkit.testing.tiny import make_tiny_llama, perturbed_copy
 
+from tests.merge.zoo import base_and_two
+
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "merge"
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clizoo")
-    make_tiny_llama(root / "base", seed=21)
-    perturbed_copy(root / "base", root / "a", seed=1, scale=0.1)
-    perturbed_copy(root / "base", root / "b", seed=2, scale=0.1)
+    root = base_and_two(tmp_path_factory.mktemp("clizoo"), seed=21)
     make_tiny_llama(root / "wide", hidden_size=96, num_heads=4, num_kv_heads=2, seed=22)
     make_tiny_llama(root / "deep", num_layers=3, seed=23)
     make_tiny_llama(root / "bigvocab", vocab_size=576, seed=24)

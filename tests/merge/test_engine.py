@@ -17,6 +17,8 @@ from adaptkit.merge.plan import build_plan
 from adaptkit.registry import MergeMethod, MergerRegistry, Param
 from adaptkit.testing.tiny import make_tiny_llama, perturbed_copy
 
+from tests.merge.zoo import base_and_two
+
 SEEN: list = []
 
 
@@ -53,10 +55,7 @@ def registry():
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    make_tiny_llama(root / "base", num_layers=3, attention_bias=True, seed=0)
-    perturbed_copy(root / "base", root / "a", seed=1, scale=0.1)
-    perturbed_copy(root / "base", root / "b", seed=2, scale=0.1)
+    root = base_and_two(tmp_path_factory.mktemp("models"), seed=0, num_layers=3, attention_bias=True)
     make_tiny_llama(root / "tied", tie_word_embeddings=True, seed=3)
     perturbed_copy(root / "tied", root / "tied2", seed=4, scale=0.1)
     make_tiny_llama(root / "bigvocab", num_layers=3, attention_bias=True, vocab_size=640, seed=5)

@@ -12,16 +12,13 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from adaptkit.cli import main
-from adaptkit.testing.tiny import make_tiny_llama, perturbed_copy
+
+from tests.merge.zoo import base_and_two
 
 
 @pytest.fixture(scope="module")
 def zoo(tmp_path_factory):
-    root = tmp_path_factory.mktemp("stages")
-    make_tiny_llama(root / "base", seed=71)
-    perturbed_copy(root / "base", root / "a", seed=1, scale=0.1)
-    perturbed_copy(root / "base", root / "b", seed=2, scale=0.1)
-    return root
+    return base_and_two(tmp_path_factory.mktemp("stages"), seed=71)
 
 
 def _load(d):
