@@ -165,10 +165,6 @@ def prompt_ids(tokenizer: Any, probe: dict[str, Any]) -> list[int]:
 BATCH = 16  #: probes of one prompt length generated together
 
 
-def generate(model: Any, tokenizer: Any, ids: list[int], max_new_tokens: int) -> str:
-    return generate_same_length(model, tokenizer, [ids], max_new_tokens)[0]
-
-
 def generate_same_length(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
     """Greedy replies to prompts of one token length (no padding), each cut at its first EOS."""
     import torch
@@ -218,15 +214,15 @@ def evaluate(request: EvalRequest) -> EvalResult:
     done = 0
     result = EvalResult(evaluator="probes")
     result.details["loaded_with"] = lm.route
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        request.report(done, total)
+
     for spec, probes in files:
         rows = []
         chosen = probes[: request.limit] if request.limit else probes
-
-        def advance(n: int) -> None:
-            nonlocal done
-            done += n
-            request.report(done, total)
-
         texts = generate_all(lm.model, lm.tokenizer, [prompt_ids(lm.tokenizer, p) for p in chosen],
                              [p["max_new_tokens"] for p in chosen], on_done=advance)
         for probe, text in zip(chosen, texts):
