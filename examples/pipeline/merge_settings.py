@@ -44,6 +44,16 @@ def variants() -> dict[str, dict]:
         "ties-d0.5-w1.25": ties(0.5, 1.25),
         "ties-d0.5-w1.5": ties(0.5, 1.5),
         "task-arithmetic-w1.25": task_arithmetic(1.25),
+        # other sparsifying / consensus methods on the same pair
+        "dare-ties-d0.5": {**ties(0.5), "merge_method": "dare_ties", "parameters": {"normalize": False, "rescale": True}},
+        "breadcrumbs-ties": {**ties(0.9), "merge_method": "breadcrumbs_ties",
+                             "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.9, "gamma": 0.01}}
+                                        for m in PARENTS]},
+        "della-d0.5": {**ties(0.5), "merge_method": "della",
+                       "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.5, "epsilon": 0.1}}
+                                  for m in PARENTS]},
+        "sce": {"merge_method": "sce", "base_model": "base", "dtype": "bfloat16",
+                "models": [{"model": m} for m in PARENTS], "parameters": {"select_topk": 1.0}},
     }
 
 
