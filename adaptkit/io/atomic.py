@@ -16,7 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from adaptkit.errors import OutputError
+from adaptkit.errors import OutputError, raise_if_signalled
 
 TMP_MARK = ".adaptkit-tmp-"
 
@@ -191,8 +191,6 @@ def _fsync_parent(t: Path) -> None:
 
 def publish(tmp: Path, target: Path, *, force: bool, shown: str | None = None) -> None:
     """fsync ``tmp`` and rename it to ``target`` (replacing an existing one only with ``force``)."""
-    from adaptkit.errors import raise_if_signalled
-
     shown = shown or str(target)
     raise_if_signalled()  # an interrupt that was swallowed somewhere must not publish
     fsync_tree(tmp)

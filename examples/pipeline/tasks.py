@@ -26,6 +26,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from adaptkit.train.data import read_rows  # the reader adaptkit train uses for these files
+
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "train"))
 import analogy  # noqa: E402  (examples/train/analogy.py: the questions file, the analogy rows)
@@ -91,10 +93,6 @@ def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> Path:
 REPLAY_SHARE = 1 / 3  #: replay rows per task row in the pipeline's training files
 
 
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(x) for x in path.read_text(encoding="utf-8").splitlines() if x.strip()]
-
-
 def with_replay(rows: list[dict[str, Any]], replay: list[dict[str, Any]], seed: int) -> list[dict[str, Any]]:
     """``rows`` plus ``round(len(rows) * REPLAY_SHARE)`` replay rows (cycling through a seeded shuffle of
     ``replay``), shuffled together with the same seed."""
@@ -111,9 +109,9 @@ def build(out_dir: str | Path = HERE / "data") -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     train, test = build_wordforms()
-    analogy_train = read_jsonl(HERE.parent / "train" / "data" / "analogy-train.jsonl")
-    analogy_test = read_jsonl(HERE.parent / "train" / "data" / "analogy-test.jsonl")[:N_ANALOGY_PROBES]
-    replay = read_jsonl(HERE / "data" / "replay.jsonl")
+    analogy_train = read_rows(HERE.parent / "train" / "data" / "analogy-train.jsonl")
+    analogy_test = read_rows(HERE.parent / "train" / "data" / "analogy-test.jsonl")[:N_ANALOGY_PROBES]
+    replay = read_rows(HERE / "data" / "replay.jsonl")
     return {
         "analogy-replay": write_jsonl(out / "analogy-replay.jsonl", with_replay(analogy_train, replay, seed=1)),
         "wordforms-replay": write_jsonl(out / "wordforms-replay.jsonl", with_replay(train, replay, seed=2)),
